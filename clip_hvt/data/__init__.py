@@ -1,0 +1,1 @@
+"""The data path: shard lists -> robust decoding -> batches (WebDataset)."""

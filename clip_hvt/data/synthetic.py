@@ -1,0 +1,195 @@
+"""Embedded default data: procedural shapes with captions, as WebDataset shards. No network.
+
+Each image is one coloured shape (5 shapes x 6 colours, 3 sizes, 5 positions) on a textured
+background; its caption names colour and shape among distractors (size, position, background) in
+varied wording. Everything is a pure function of the seed. The zero-shot set has one class per
+(colour, shape) pair, with prompt templates unlike the training captions, on fresh samples.
+
+Layout written under ``root``::
+
+    train/shapes-train-000000.tar ... + sizes.json
+    val/shapes-val-000000.tar ...     + sizes.json
+    zeroshot/shapes-zeroshot-000000.tar (jpg, cls) + sizes.json, classnames.json, templates.json
+    manifest.json                     (the parameters; written last, marks the set complete)
+"""
+from __future__ import annotations
+
+import io
+import json
+import logging
+import math
+import os
+import random
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import webdataset as wds
+from PIL import Image, ImageDraw
+
+log = logging.getLogger(__name__)
+
+SHAPES = ("circle", "square", "triangle", "star", "cross")
+COLOURS = {
+    "red": (220, 30, 30), "green": (30, 170, 50), "blue": (30, 60, 220),
+    "yellow": (235, 215, 20), "purple": (140, 40, 180), "orange": (245, 130, 20),
+}
+SIZES = {"small": 0.22, "medium": 0.32, "large": 0.44}
+POSITIONS = {"center": (0.5, 0.5), "left": (0.3, 0.5), "right": (0.7, 0.5), "top": (0.5, 0.3), "bottom": (0.5, 0.7)}
+BACKGROUNDS = ("plain", "striped", "dotted", "checkered")
+CAPTION_TEMPLATES = (
+    "a {size} {colour} {shape} on the {position}",
+    "a {colour} {shape}",
+    "{colour} {shape}, {size}, {background} background",
+    "there is a {size} {colour} {shape} in the {position} of the picture",
+    "a {background} picture with a {colour} {shape}",
+    "the {shape} is {colour}",
+    "a {colour} {shape} placed at the {position} on a {background} backdrop",
+    "one {size} {shape}, coloured {colour}",
+    "{shape} in {colour}",
+    "picture of a {colour} {shape} near the {position}",
+)
+ZEROSHOT_TEMPLATES = ("a photo of a {}.", "an image of a {}.", "a drawing of a {}.", "a {} shape.")
+CLASSNAMES = tuple(f"{c} {s}" for c in COLOURS for s in SHAPES)
+
+
+@dataclass(frozen=True)
+class ShapesConfig:
+    seed: int = 0
+    image_size: int = 72
+    train_samples: int = 20000
+    val_samples: int = 1000
+    zeroshot_per_class: int = 20
+    samples_per_shard: int = 2500
+    version: int = 1  # bump when rendering changes, so caches regenerate
+
+
+def _polygon(shape: str, cx: float, cy: float, r: float, angle: float) -> list[tuple[float, float]]:
+    if shape == "square":
+        pts = [(math.cos(angle + math.pi / 4 + k * math.pi / 2), math.sin(angle + math.pi / 4 + k * math.pi / 2))
+               for k in range(4)]
+    elif shape == "triangle":
+        pts = [(math.cos(angle - math.pi / 2 + k * 2 * math.pi / 3), math.sin(angle - math.pi / 2 + k * 2 * math.pi / 3))
+               for k in range(3)]
+    elif shape == "star":
+        pts = [((1.0 if k % 2 == 0 else 0.45) * math.cos(angle - math.pi / 2 + k * math.pi / 5),
+                (1.0 if k % 2 == 0 else 0.45) * math.sin(angle - math.pi / 2 + k * math.pi / 5)) for k in range(10)]
+    else:  # cross: a plus sign of arm width 0.35r
+        w = 0.35
+        base = [(-w, -1), (w, -1), (w, -w), (1, -w), (1, w), (w, w), (w, 1), (-w, 1), (-w, w), (-1, w), (-1, -w), (-w, -w)]
+        c, s = math.cos(angle), math.sin(angle)
+        pts = [(x * c - y * s, x * s + y * c) for x, y in base]
+    return [(cx + r * x, cy + r * y) for x, y in pts]
+
+
+def _background(draw: ImageDraw.ImageDraw, kind: str, size: int, rng: random.Random) -> None:
+    base = tuple(rng.randint(150, 235) for _ in range(3))
+    draw.rectangle([0, 0, size, size], fill=base)
+    ink = tuple(max(0, v - rng.randint(25, 60)) for v in base)
+    step = rng.randint(6, 12)
+    if kind == "striped":
+        for x in range(-size, size, step):
+            draw.line([(x, 0), (x + size, size)], fill=ink, width=2)
+    elif kind == "dotted":
+        for x in range(step // 2, size, step):
+            for y in range(step // 2, size, step):
+                draw.ellipse([x - 1, y - 1, x + 1, y + 1], fill=ink)
+    elif kind == "checkered":
+        for x in range(0, size, step):
+            for y in range(0, size, step):
+                if (x // step + y // step) % 2:
+                    draw.rectangle([x, y, x + step - 1, y + step - 1], fill=ink)
+
+
+def render(rng: random.Random, image_size: int, colour: str | None = None, shape: str | None = None):
+    """One (PIL image, attributes) sample; colour/shape fixed when given (zero-shot classes)."""
+    attrs = dict(
+        shape=shape or rng.choice(SHAPES), colour=colour or rng.choice(list(COLOURS)),
+        size=rng.choice(list(SIZES)), position=rng.choice(list(POSITIONS)), background=rng.choice(BACKGROUNDS))
+    img = Image.new("RGB", (image_size, image_size))
+    draw = ImageDraw.Draw(img)
+    _background(draw, attrs["background"], image_size, rng)
+    px, py = POSITIONS[attrs["position"]]
+    cx = (px + rng.uniform(-0.05, 0.05)) * image_size
+    cy = (py + rng.uniform(-0.05, 0.05)) * image_size
+    r = SIZES[attrs["size"]] * image_size / 2 * rng.uniform(0.9, 1.1)
+    fill = tuple(min(255, max(0, v + rng.randint(-20, 20))) for v in COLOURS[attrs["colour"]])
+    if attrs["shape"] == "circle":
+        draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
+    else:
+        draw.polygon(_polygon(attrs["shape"], cx, cy, r, rng.uniform(-0.3, 0.3)), fill=fill)
+    return img, attrs
+
+
+def caption(attrs: dict, rng: random.Random) -> str:
+    return rng.choice(CAPTION_TEMPLATES).format(**attrs)
+
+
+def _jpeg(img: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", quality=92)
+    return buf.getvalue()
+
+
+def _write_split(out: Path, split: str, samples, per_shard: int) -> None:
+    out.mkdir(parents=True)
+    sizes: dict[str, int] = {}
+    with wds.ShardWriter(str(out / f"shapes-{split}-%06d.tar"), maxcount=per_shard, verbose=0) as sink:
+        for i, sample in enumerate(samples):
+            sink.write({"__key__": f"{split}{i:08d}", **sample})
+            name = os.path.basename(sink.fname)
+            sizes[name] = sizes.get(name, 0) + 1
+    (out / "sizes.json").write_text(json.dumps(sizes, indent=1))
+
+
+def _pairs(rng: random.Random, n: int, image_size: int):
+    for _ in range(n):
+        img, attrs = render(rng, image_size)
+        yield {"jpg": _jpeg(img), "txt": caption(attrs, rng), "json": json.dumps(attrs)}
+
+
+def _zeroshot(rng: random.Random, per_class: int, image_size: int):
+    for label, name in enumerate(CLASSNAMES):
+        colour, shape = name.split(" ")
+        for _ in range(per_class):
+            img, _ = render(rng, image_size, colour=colour, shape=shape)
+            yield {"jpg": _jpeg(img), "cls": str(label)}
+
+
+def generate(root: str | os.PathLike, cfg: ShapesConfig = ShapesConfig()) -> Path:
+    """Write the shard set under ``root`` (into a temp dir, renamed when complete)."""
+    root = Path(root)
+    tmp = root.with_name(root.name + f".tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    # Separate streams per split: changing one split's size never changes another's samples.
+    _write_split(tmp / "train", "train", _pairs(random.Random(f"{cfg.seed}-train"), cfg.train_samples, cfg.image_size),
+                 cfg.samples_per_shard)
+    _write_split(tmp / "val", "val", _pairs(random.Random(f"{cfg.seed}-val"), cfg.val_samples, cfg.image_size),
+                 cfg.samples_per_shard)
+    _write_split(tmp / "zeroshot", "zeroshot", _zeroshot(random.Random(f"{cfg.seed}-zs"), cfg.zeroshot_per_class,
+                                                         cfg.image_size), cfg.samples_per_shard)
+    (tmp / "zeroshot" / "classnames.json").write_text(json.dumps(list(CLASSNAMES), indent=1))
+    (tmp / "zeroshot" / "templates.json").write_text(json.dumps(list(ZEROSHOT_TEMPLATES), indent=1))
+    (tmp / "manifest.json").write_text(json.dumps(asdict(cfg), indent=1))
+    if root.exists():
+        shutil.rmtree(root)
+    tmp.rename(root)
+    return root
+
+
+def is_complete(root: str | os.PathLike, cfg: ShapesConfig) -> bool:
+    manifest = Path(root) / "manifest.json"
+    return manifest.is_file() and json.loads(manifest.read_text()) == asdict(cfg)
+
+
+def ensure(root: str | os.PathLike, cfg: ShapesConfig = ShapesConfig()) -> Path:
+    """Generate the set under ``root`` unless a complete one with the same parameters is there."""
+    if not is_complete(root, cfg):
+        log.info("generating the embedded shapes data set into %s (one time)", root)
+        generate(root, cfg)
+    return Path(root)
+
+
+def default_root(cfg: ShapesConfig) -> Path:
+    cache = Path(os.environ.get("CLIP_HVT_CACHE", Path.home() / ".cache" / "clip_hvt"))
+    return cache / f"shapes-v{cfg.version}-seed{cfg.seed}-{cfg.image_size}px-{cfg.train_samples}"

@@ -1,0 +1,62 @@
+"""Export to open_clip's local-dir layout: ``python -m clip_hvt.export --ckpt CKPT --out DIR``.
+
+Writes ``open_clip_config.json`` (``model_cfg`` + ``preprocess_cfg``) and
+``open_clip_model.safetensors``; ``open_clip.create_model_and_transforms('local-dir:DIR')`` loads it
+with strict keys (after ``import clip_hvt`` when the image tower is one of ours).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from . import factory
+
+CONFIG_NAME = "open_clip_config.json"
+WEIGHTS_NAME = "open_clip_model.safetensors"
+
+
+def export_model(model: torch.nn.Module, model_cfg: dict, out_dir: str | Path) -> Path:
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    config = {"model_cfg": model_cfg, "preprocess_cfg": factory.preprocess_cfg(model_cfg)}
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    save_file(state, str(out / WEIGHTS_NAME), metadata={"format": "pt"})
+    (out / CONFIG_NAME).write_text(json.dumps(config, indent=2))
+    return out
+
+
+def export_module(module, out_dir: str | Path) -> Path:
+    """Export a ``CLIPModule`` in memory."""
+    return export_model(module.model, module.hparams.model_cfg, out_dir)
+
+
+def model_from_checkpoint(ckpt_path: str | Path) -> tuple[torch.nn.Module, dict]:
+    """The open_clip model and its config from a Lightning checkpoint (``weights_only`` load)."""
+    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+    model_cfg = ckpt["hyper_parameters"]["model_cfg"]
+    model = factory.create_model(model_cfg)
+    prefix = "model."
+    state = {k[len(prefix):]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)}
+    model.load_state_dict(state, strict=True)
+    return model, model_cfg
+
+
+def main(args: list[str] | None = None) -> Path:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--ckpt", required=True, help="Lightning checkpoint (.ckpt) written by clip_hvt.train")
+    parser.add_argument("--out", required=True, help="output directory (open_clip local-dir)")
+    opts = parser.parse_args(args)
+    if not Path(opts.ckpt).is_file():
+        parser.error(f"checkpoint '{opts.ckpt}' does not exist")
+    model, model_cfg = model_from_checkpoint(opts.ckpt)
+    out = export_model(model, model_cfg, opts.out)
+    print(f"exported to {out}: load with open_clip.create_model_and_transforms('local-dir:{out}')")
+    return out
+
+
+if __name__ == "__main__":
+    main()

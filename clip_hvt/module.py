@@ -1,0 +1,129 @@
+"""The LightningModule: an open_clip model, the contrastive loss, optimizer groups and schedule.
+
+Cross-cutting concerns live in callbacks (``clip_hvt.callbacks``): zero-shot evaluation, skip
+monitoring, throughput. Retrieval on the validation shards is computed here because it needs the
+features of the whole validation set, gathered from every rank.
+"""
+from __future__ import annotations
+
+import math
+
+import lightning.pytorch as pl
+import torch
+from open_clip_train.train import get_clip_metrics
+
+from . import factory
+from .loss import build_loss
+
+
+def _no_weight_decay(name: str, param: torch.nn.Parameter) -> bool:
+    # open_clip's rule: biases, norms, gains (1-d tensors) and the temperature are not decayed.
+    return param.ndim < 2 or "bn" in name or "ln" in name or "bias" in name or "logit_scale" in name
+
+
+def warmup_cosine(warmup_steps: int, max_steps: int, min_lr_ratio: float = 0.0):
+    """LR multiplier: linear warmup from ~0 to 1, then cosine to ``min_lr_ratio`` at ``max_steps``."""
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = min(1.0, (step - warmup_steps) / max(1, max_steps - warmup_steps))
+        return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+    return factor
+
+
+class CLIPModule(pl.LightningModule):
+    """Contrastive image-text training of an open_clip model.
+
+    Args:
+        model_cfg: open_clip model config (``embed_dim``, ``vision_cfg``, ``text_cfg``).
+        loss: ``clip`` (InfoNCE, global negatives) or ``siglip``.
+        lr, weight_decay, betas, eps: AdamW; no decay on biases, norms, gains, ``logit_scale``.
+        warmup_steps: linear warmup, then cosine decay to ``min_lr_ratio * lr`` at ``trainer.max_steps``.
+        max_logit_scale: the temperature is clamped to ``[0, ln(max_logit_scale)]`` after each step.
+        grad_checkpointing: recompute activations in backward (both towers).
+        image_weights: local timm-layout checkpoint for the image trunk.
+    """
+
+    def __init__(
+        self,
+        model_cfg: dict,
+        loss: str = "clip",
+        lr: float = 5e-4,
+        weight_decay: float = 0.2,
+        betas: tuple[float, float] = (0.9, 0.98),
+        eps: float = 1e-6,
+        warmup_steps: int = 1000,
+        min_lr_ratio: float = 0.0,
+        max_logit_scale: float = 100.0,
+        grad_checkpointing: bool = False,
+        image_weights: str | None = None,
+    ):
+        super().__init__()
+        self.save_hyperparameters()
+        self.model = factory.create_model(model_cfg, image_weights=image_weights)
+        if grad_checkpointing:
+            self.model.set_grad_checkpointing(True)
+        self.loss_fn = build_loss(loss)  # rebuilt with the real rank/world size in setup()
+        self._val_features: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def setup(self, stage: str) -> None:
+        self.loss_fn = build_loss(self.hparams.loss, rank=self.global_rank, world_size=self.trainer.world_size)
+
+    def encode(self, images: torch.Tensor, texts: torch.Tensor):
+        image_features = self.model.encode_image(images, normalize=True)
+        text_features = self.model.encode_text(texts, normalize=True)
+        return image_features, text_features
+
+    def _logit_bias(self):
+        return getattr(self.model, "logit_bias", None)
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        image_features, text_features = self.encode(batch["image"], batch["text"])
+        logit_scale = self.model.logit_scale.exp()
+        loss = self.loss_fn(image_features, text_features, logit_scale, self._logit_bias())
+        self.log("train/loss", loss, prog_bar=True)
+        self.log("train/logit_scale", logit_scale)
+        self.log("train/lr", self.optimizers().param_groups[0]["lr"], prog_bar=False)
+        return loss
+
+    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+        with torch.no_grad():
+            self.model.logit_scale.clamp_(0, math.log(self.hparams.max_logit_scale))
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        self._val_features.append(self.encode(batch["image"], batch["text"]))
+
+    def on_validation_epoch_end(self) -> None:
+        if not self._val_features:
+            return
+        image, text = (torch.cat(f) for f in zip(*self._val_features))
+        self._val_features.clear()
+        image, text = gather_uneven(self, image), gather_uneven(self, text)
+        metrics = get_clip_metrics(image.float(), text.float(), self.model.logit_scale.exp().float())
+        for name, value in metrics.items():
+            self.log(f"val/{name}", float(value), rank_zero_only=True, sync_dist=False)
+
+    def configure_optimizers(self):
+        decay, no_decay = [], []
+        for name, param in self.model.named_parameters():
+            if param.requires_grad:
+                (no_decay if _no_weight_decay(name, param) else decay).append(param)
+        hp = self.hparams
+        optimizer = torch.optim.AdamW(
+            [{"params": no_decay, "weight_decay": 0.0}, {"params": decay, "weight_decay": hp.weight_decay}],
+            lr=hp.lr, betas=tuple(hp.betas), eps=hp.eps)
+        max_steps = self.trainer.max_steps if self.trainer.max_steps > 0 else self.trainer.estimated_stepping_batches
+        schedule = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, warmup_cosine(hp.warmup_steps, max_steps, hp.min_lr_ratio))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+
+def gather_uneven(module: pl.LightningModule, x: torch.Tensor) -> torch.Tensor:
+    """All-gather rows from every rank when ranks hold different row counts (pad, gather, trim)."""
+    if module.trainer.world_size == 1:
+        return x
+    sizes = module.all_gather(torch.tensor(x.shape[0], device=x.device)).flatten().tolist()
+    padded = torch.zeros((max(sizes), *x.shape[1:]), dtype=x.dtype, device=x.device)
+    padded[: x.shape[0]] = x
+    gathered = module.all_gather(padded)
+    return torch.cat([gathered[r, :n] for r, n in enumerate(sizes)])

@@ -1,0 +1,65 @@
+"""Train from YAML: ``python -m clip_hvt.train --config configs/quickstart.yaml [--trainer.max_steps 20]``.
+
+Lightning's ``LightningCLI`` without subcommands (``run=False``): repeated ``--config``, dotted
+overrides, ``--print_config``. After ``fit`` it runs a final validation (zero-shot and retrieval)
+and, with ``--export_dir``, writes the open_clip export.
+"""
+from __future__ import annotations
+
+import sys
+
+from lightning.pytorch.cli import LightningCLI
+
+from .data.datamodule import WebDataModule
+from .export import export_module
+from .module import CLIPModule
+
+
+class CLI(LightningCLI):
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.link_arguments("model.model_cfg", "data.model_cfg", apply_on="parse")
+        parser.add_argument("--ckpt_path", type=str | None, default=None,
+                            help="checkpoint to resume from: a path, or 'last' for the run's last.ckpt")
+        parser.add_argument("--export_dir", type=str | None, default=None,
+                            help="after training, export the model to this open_clip local-dir")
+        parser.add_argument("--final_validation", type=bool, default=True,
+                            help="validate once more after fit and print the final metrics")
+
+
+def _summary(metrics: dict, export_dir: str | None) -> str:
+    lines = []
+    if "zeroshot/top1" in metrics:
+        top1, chance = metrics["zeroshot/top1"], metrics["zeroshot/chance"]
+        lines.append(f"zero-shot top-1 {top1:.1%} (top-5 {metrics['zeroshot/top5']:.1%}); "
+                     f"chance {chance:.1%}, so {top1 / chance:.1f}x chance")
+    for key in ("val/image_to_text_R@1", "val/text_to_image_R@1"):
+        if key in metrics:
+            lines.append(f"{key} {metrics[key]:.1%}")
+    if export_dir:
+        lines.append(f"exported to {export_dir} (open_clip.create_model_and_transforms('local-dir:{export_dir}'))")
+    return "\n".join(lines)
+
+
+def main(args: list[str] | None = None) -> dict:
+    try:
+        cli = CLI(CLIPModule, WebDataModule, run=False, args=args, seed_everything_default=0,
+                  save_config_kwargs={"overwrite": True}, auto_configure_optimizers=False)
+    except (ValueError, FileNotFoundError) as err:  # bad model name, shard pattern, ...: no traceback
+        sys.exit(f"clip_hvt.train: error: {err}")
+    trainer, model, data = cli.trainer, cli.model, cli.datamodule
+    trainer.fit(model, datamodule=data, ckpt_path=cli.config.ckpt_path)
+    metrics = {}
+    if cli.config.final_validation and data.val_shards:
+        results = trainer.validate(model, datamodule=data, verbose=False)
+        metrics = results[0] if results else {}
+    if cli.config.export_dir:
+        if trainer.is_global_zero:
+            export_module(model, cli.config.export_dir)
+        trainer.strategy.barrier()
+    if trainer.is_global_zero:
+        print(_summary(metrics, cli.config.export_dir), flush=True)
+    return metrics
+
+
+if __name__ == "__main__":
+    main()

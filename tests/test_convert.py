@@ -1,0 +1,304 @@
+"""Converters to WebDataset shards: data_scripts/*_to_shards.py over clip_hvt.data.convert."""
+import csv
+import importlib.util
+import io
+import json
+import random
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from clip_hvt.data.convert import WriteOptions, read_table, resized_size, write_shards
+
+REPO = Path(__file__).resolve().parents[1]
+SIZES = [(64, 96), (96, 64), (80, 80), (72, 90), (90, 66)]  # (w, h)
+
+
+def load_script(name):
+    spec = importlib.util.spec_from_file_location(name, REPO / 'data_scripts' / f'{name}.py')
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def make_image(path, size, seed):
+    pixels = np.random.default_rng(seed).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(pixels).save(path)
+    return path
+
+
+def read_shard_dir(directory):
+    """{key: {ext: bytes}} over all tars in a directory, and sizes.json vs counted members."""
+    samples, counted = {}, {}
+    for tar_path in sorted(Path(directory).glob('*.tar')):
+        with tarfile.open(tar_path) as tar:
+            names = tar.getnames()
+            for name in names:
+                key, ext = name.split('.', 1)
+                samples.setdefault(key, {})[ext] = tar.extractfile(name).read()
+            counted[tar_path.name] = len({n.split('.', 1)[0] for n in names})
+    with open(Path(directory) / 'sizes.json') as f:
+        assert json.load(f) == counted
+    return samples
+
+
+def decoded(sample):
+    img = Image.open(io.BytesIO(sample['jpg']))
+    img.load()
+    return img
+
+
+def write_table(path, rows, columns=('image', 'caption')):
+    df = pd.DataFrame(rows, columns=list(columns))
+    if path.suffix == '.parquet':
+        df.to_parquet(path)
+    elif path.suffix == '.tsv':
+        df.to_csv(path, sep='\t', index=False, quoting=csv.QUOTE_NONE)
+    else:
+        df.to_csv(path, index=False)
+
+
+def captioned_images(root, n, prefix='img'):
+    rows = []
+    for i in range(n):
+        size = SIZES[i % len(SIZES)]
+        make_image(root / prefix / f'{i:03d}.png', size, seed=i)
+        rows.append((f'{prefix}/{i:03d}.png', f'"{i}" café ☕ caption'))
+    return rows
+
+
+@pytest.mark.parametrize('suffix', ['.csv', '.tsv', '.parquet'])
+def test_table_round_trip_keeps_captions_and_resizes_shortest_side(tmp_path, suffix):
+    rows = captioned_images(tmp_path, 12)
+    table = tmp_path / f'captions{suffix}'
+    write_table(table, rows)
+    out = tmp_path / 'out'
+    rc = load_script('csv_to_shards').main(
+        [str(table), str(out), '--resize', '48', '--maxcount', '5', '--workers', '2'])
+    assert rc == 0
+    samples = read_shard_dir(out)
+    assert sorted(p.name for p in out.glob('*.tar')) == ['shard-000000.tar', 'shard-000001.tar', 'shard-000002.tar']
+    assert len(samples) == len(rows)
+    for sample in samples.values():
+        meta = json.loads(sample['json'])
+        image, caption = rows[meta['row']]
+        assert meta['source'] == image
+        assert sample['txt'].decode('utf-8') == caption
+        w0, h0 = SIZES[meta['row'] % len(SIZES)]
+        img = decoded(sample)
+        assert img.mode == 'RGB' and min(img.size) == 48
+        assert (meta['original_width'], meta['original_height']) == (w0, h0)
+        assert img.size == resized_size((w0, h0), 48)
+        assert abs(img.size[0] / img.size[1] - w0 / h0) < 1 / 48
+
+
+def test_resize_never_upscales_unless_asked():
+    assert resized_size((64, 96), 80) == (64, 96)
+    assert resized_size((64, 96), 80, upscale=True) == (80, 120)
+    assert resized_size((300, 200), 100) == (150, 100)
+    assert resized_size((300, 200), 0) == (300, 200)
+
+
+def test_upscale_option_enlarges_small_images(tmp_path):
+    rows = captioned_images(tmp_path, 2)
+    table = tmp_path / 't.csv'
+    write_table(table, rows)
+    for flags, short in (([], 64), (['--upscale'], 100), (['--resize', '0'], 64)):
+        out = tmp_path / f'out{len(flags)}{short}'
+        load_script('csv_to_shards').main([str(table), str(out), '--resize', '100', '--workers', '1', *flags])
+        assert {min(decoded(s).size) for s in read_shard_dir(out).values()} == {short}
+
+
+def test_table_image_root_resolves_relative_paths(tmp_path):
+    rows = captioned_images(tmp_path / 'images', 3)
+    table = tmp_path / 'tables' / 't.csv'
+    table.parent.mkdir()
+    write_table(table, rows)
+    samples = read_table(table, image_root=tmp_path / 'images')
+    assert [s.image for s in samples] == [str(tmp_path / 'images' / r[0]) for r in rows]
+    stats = write_shards(samples, tmp_path / 'out', WriteOptions(resize=0))
+    assert stats['written'] == 3 and stats['skipped'] == 0
+
+
+def test_missing_column_error_lists_existing_columns(tmp_path, capsys):
+    table = tmp_path / 't.csv'
+    write_table(table, [('a.png', 'x', 'y')], columns=('path', 'caption', 'url'))
+    listed = "columns are: 'path', 'caption', 'url'"
+    with pytest.raises(ValueError, match=r"'image' \(--image-col\) does not exist; " + listed):
+        read_table(table)
+    with pytest.raises(SystemExit) as exit_info:
+        load_script('csv_to_shards').main(
+            [str(table), str(tmp_path / 'out'), '--image-col', 'path', '--caption-col', 'text'])
+    assert exit_info.value.code == 2
+    assert "'text' (--caption-col) does not exist; " + listed in capsys.readouterr().err
+
+
+def test_stats_count_injected_problems(tmp_path):
+    rows = captioned_images(tmp_path, 6)
+    rows[1] = (rows[1][0], '   ')  # empty caption
+    rows[4] = (rows[4][0], '')  # empty caption
+    rows.append(('img/missing.png', 'no such file'))
+    rows.append(('img/gone.jpg', 'no such file either'))
+    (tmp_path / 'img' / 'broken.jpg').write_bytes(b'this is not a JPEG')
+    rows.append(('img/broken.jpg', 'broken image'))
+    truncated = make_image(tmp_path / 'img' / 'truncated.jpg', (80, 80), seed=99)
+    truncated.write_bytes(truncated.read_bytes()[:400])
+    rows.append(('img/truncated.jpg', 'truncated image'))
+    table = tmp_path / 't.csv'
+    write_table(table, rows)
+    stats = write_shards(read_table(table), tmp_path / 'out', WriteOptions(resize=32, maxcount=3, workers=2))
+    reasons = {r: e['count'] for r, e in stats['skip_reasons'].items()}
+    assert reasons == {'empty caption': 2, 'missing image': 2, 'undecodable image': 2}
+    assert stats['skip_reasons']['missing image']['examples'] == [
+        str(tmp_path / 'img/missing.png'), str(tmp_path / 'img/gone.jpg')]
+    assert stats['skip_reasons']['undecodable image']['examples'] == [
+        str(tmp_path / 'img/broken.jpg'), str(tmp_path / 'img/truncated.jpg')]
+    assert stats['written'] == len(rows) - 6 == len(read_shard_dir(tmp_path / 'out'))
+    with open(tmp_path / 'out' / 'stats.json') as f:
+        assert json.load(f)['skip_reasons'] == stats['skip_reasons']
+
+
+def test_images_above_max_pixels_are_skipped_as_decompression_bombs(tmp_path):
+    rows = captioned_images(tmp_path, 3)  # 64x96, 96x64, 80x80: 6144 and 6400 pixels
+    table = tmp_path / 't.csv'
+    write_table(table, rows)
+    stats = write_shards(read_table(table), tmp_path / 'out', WriteOptions(max_pixels=6200))
+    assert stats['written'] == 2
+    assert stats['skip_reasons'] == {'decompression bomb': {'count': 1, 'examples': [str(tmp_path / rows[2][0])]}}
+
+
+def test_split_is_deterministic_disjoint_and_independent_of_workers_and_order(tmp_path):
+    rows = captioned_images(tmp_path, 40)
+    table = tmp_path / 't.csv'
+    write_table(table, rows)
+    outputs = {}
+    for workers in (1, 2):
+        out = tmp_path / f'out{workers}'
+        write_shards(read_table(table), out, WriteOptions(resize=32, maxcount=7, workers=workers, val_fraction=0.25))
+        outputs[workers] = out
+    for split in ('train', 'val'):
+        tars = sorted(p.name for p in (outputs[1] / split).glob('*.tar'))
+        assert tars == sorted(p.name for p in (outputs[2] / split).glob('*.tar'))
+        for name in tars:
+            assert (outputs[1] / split / name).read_bytes() == (outputs[2] / split / name).read_bytes()
+
+    sources = {split: {json.loads(s['json'])['source'] for s in read_shard_dir(outputs[1] / split).values()}
+               for split in ('train', 'val')}
+    assert sources['train'].isdisjoint(sources['val'])
+    assert sources['train'] | sources['val'] == {r[0] for r in rows}
+    assert 0 < len(sources['val']) < 20
+
+    shuffled = tmp_path / 'shuffled.csv'
+    write_table(shuffled, random.Random(0).sample(rows, len(rows)))
+    write_shards(read_table(shuffled), tmp_path / 'out_shuffled', WriteOptions(resize=32, val_fraction=0.25))
+    val = {json.loads(s['json'])['source'] for s in read_shard_dir(tmp_path / 'out_shuffled' / 'val').values()}
+    assert val == sources['val']
+
+
+def test_existing_output_is_refused_without_overwrite(tmp_path):
+    rows = captioned_images(tmp_path, 5)
+    table = tmp_path / 't.csv'
+    write_table(table, rows)
+    out = tmp_path / 'out'
+    write_shards(read_table(table), out, WriteOptions(resize=0, maxcount=2))
+    assert len(list(out.glob('*.tar'))) == 3
+    (out / 'notes.md').write_text('kept')
+    with pytest.raises(FileExistsError, match='already holds shards.*--overwrite'):
+        write_shards(read_table(table), out, WriteOptions(resize=0))
+    write_shards(read_table(table), out, WriteOptions(resize=0, maxcount=10, overwrite=True))
+    assert sorted(p.name for p in out.glob('*.tar')) == ['shard-000000.tar']
+    assert len(read_shard_dir(out)) == 5
+    assert (out / 'notes.md').read_text() == 'kept'
+
+
+def test_folder_round_trip_with_sidecar_captions(tmp_path):
+    src = tmp_path / 'src'
+    captions = {}
+    for i, rel in enumerate(['a/cat.png', 'a/b/dog.jpg', 'fish.webp', 'c/bird.png', 'c/nocap.png', 'c/latin1.png']):
+        make_image(src / rel, SIZES[i % len(SIZES)], seed=i)
+        if rel == 'c/latin1.png':
+            (src / rel).with_suffix('.txt').write_bytes('caf\xe9'.encode('latin-1'))
+        elif rel != 'c/nocap.png':
+            captions[rel] = f'a photo of {Path(rel).stem}\nsecond line'
+            (src / rel).with_suffix('.txt').write_text(captions[rel] + '\n', encoding='utf-8')
+    (src / 'readme.md').write_text('not an image')
+    out = tmp_path / 'out'
+    assert load_script('folder_to_shards').main([str(src), str(out), '--resize', '40', '--workers', '2']) == 0
+    samples = read_shard_dir(out)
+    got = {json.loads(s['json'])['source']: s['txt'].decode('utf-8') for s in samples.values()}
+    assert got == captions
+    assert all(min(decoded(s).size) == 40 for s in samples.values())
+    stats = json.loads((out / 'stats.json').read_text())
+    assert stats['skip_reasons'] == {
+        'missing caption': {'count': 1, 'examples': [str(src / 'c/nocap.png')]},
+        'non-UTF-8 caption': {'count': 1, 'examples': [str(src / 'c/latin1.png')]},
+    }
+
+
+def test_coco_keeps_all_captions_in_file_order(tmp_path):
+    images, annotations, expected = [], [], {}
+    for image_id in (7, 3, 11, 5):
+        file_name = f'{image_id:012d}.jpg'
+        make_image(tmp_path / 'train2017' / file_name, SIZES[image_id % len(SIZES)], seed=image_id)
+        images.append({'id': image_id, 'file_name': file_name, 'width': 0, 'height': 0})
+        n_captions = 0 if image_id == 11 else image_id % 4 + 1
+        expected[image_id] = [f'image {image_id} caption {j}' for j in range(n_captions)]
+    for j in range(5):  # interleave images so grouping, not adjacency, collects the captions
+        for image_id, caps in expected.items():
+            if j < len(caps):
+                annotations.append({'id': len(annotations), 'image_id': image_id, 'caption': caps[j]})
+    annotations.append({'id': 99, 'image_id': 404, 'caption': 'no such image'})
+    ann_path = tmp_path / 'annotations' / 'captions.json'
+    ann_path.parent.mkdir()
+    ann_path.write_text(json.dumps({'images': images, 'annotations': annotations}))
+
+    out = tmp_path / 'out'
+    rc = load_script('coco_to_shards').main(
+        [str(ann_path), str(out), '--image-root', str(tmp_path / 'train2017'), '--resize', '32', '--workers', '1'])
+    assert rc == 0
+    samples = read_shard_dir(out)
+    got = {}
+    for sample in samples.values():
+        meta = json.loads(sample['json'])
+        assert sample['txt'].decode('utf-8') == meta['captions'][0]
+        got[meta['image_id']] = meta['captions']
+    assert got == {k: v for k, v in expected.items() if v}
+    stats = json.loads((out / 'stats.json').read_text())
+    no_caption = str(tmp_path / 'train2017' / f'{11:012d}.jpg')
+    assert stats['skip_reasons'] == {'missing caption': {'count': 1, 'examples': [no_caption]}}
+    assert stats['source_problems'] == {'annotation for unknown image_id': {'count': 1, 'examples': ['404']}}
+
+
+def test_cli_runs_from_a_checkout(tmp_path):
+    rows = captioned_images(tmp_path, 3)
+    table = tmp_path / 't.tsv'
+    write_table(table, rows)
+    out = tmp_path / 'out'
+    result = subprocess.run(
+        [sys.executable, str(REPO / 'data_scripts' / 'csv_to_shards.py'), str(table), str(out), '--workers', '1'],
+        capture_output=True, text=True, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert 'written 3, skipped 0' in result.stdout
+    assert len(read_shard_dir(out)) == 3
+
+
+def test_exif_orientation_is_applied_before_resizing(tmp_path):
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored 64x96, shown turned by 90 degrees: 96x64
+    pixels = np.random.default_rng(0).integers(0, 256, (96, 64, 3), dtype=np.uint8)
+    (tmp_path / 'img').mkdir()
+    Image.fromarray(pixels).save(tmp_path / 'img' / 'turned.jpg', exif=exif)
+    table = tmp_path / 't.csv'
+    write_table(table, [('img/turned.jpg', 'turned')])
+    write_shards(read_table(table), tmp_path / 'out', WriteOptions(resize=48))
+    (sample,) = read_shard_dir(tmp_path / 'out').values()
+    meta = json.loads(sample['json'])
+    assert decoded(sample).size == (72, 48)
+    assert (meta['original_width'], meta['original_height'], meta['width'], meta['height']) == (96, 64, 72, 48)

@@ -1,0 +1,111 @@
+"""The train CLI end to end on tiny generated data: fit, resume, export, and bad input."""
+import csv
+import json
+
+import open_clip
+import pytest
+import torch
+
+from clip_hvt import train
+from clip_hvt.export import main as export_main
+
+
+def _logged_steps(metrics_csv):
+    with open(metrics_csv) as f:
+        return [int(row["step"]) for row in csv.DictReader(f) if row.get("train/loss")]
+
+
+def _run(tiny_config, shapes_root, *extra):
+    return train.main(["--config", tiny_config, "--data.shapes.root", str(shapes_root), *extra])
+
+
+@pytest.fixture
+def in_tmp(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def test_fit_validates_exports_and_resume_continues_global_step(tiny_config, in_tmp, capsys):
+    shapes = in_tmp / "shapes"
+    metrics = _run(tiny_config, shapes, "--export_dir", "export")
+    out = capsys.readouterr().out
+    assert "zero-shot top-1" in out and "exported to export" in out
+    assert set(metrics) >= {"zeroshot/top1", "zeroshot/top5", "val/image_to_text_R@1", "val/text_to_image_R@10"}
+    assert metrics["zeroshot/chance"] == pytest.approx(1 / 30)
+    assert (shapes / "manifest.json").is_file()  # generated on first use
+
+    ckpt_dir = in_tmp / "runs" / "tiny" / "checkpoints"
+    first = torch.load(ckpt_dir / "last.ckpt", weights_only=True, map_location="cpu")
+    assert first["global_step"] == 4
+
+    _run(tiny_config, shapes, "--ckpt_path", "last", "--trainer.max_steps", "6", "--final_validation", "false")
+    resumed = torch.load(ckpt_dir / "last.ckpt", weights_only=True, map_location="cpu")
+    assert resumed["global_step"] == 6
+    steps = _logged_steps(in_tmp / "runs" / "tiny" / "lightning_logs" / "version_1" / "metrics.csv")
+    assert min(steps) >= 4 and max(steps) == 5  # the second run trained steps 4 and 5 only: resumed, not restarted
+
+    config = json.loads((in_tmp / "export" / "open_clip_config.json").read_text())
+    assert config["model_cfg"]["vision_cfg"]["timm_model_name"] == "pvt_v2_b0"
+    assert config["preprocess_cfg"]["size"] == 32
+
+
+def test_export_cli_matches_checkpoint_through_open_clip(tiny_config, in_tmp):
+    _run(tiny_config, in_tmp / "shapes", "--final_validation", "false")
+    ckpt = in_tmp / "runs" / "tiny" / "checkpoints" / "last.ckpt"
+    export_main(["--ckpt", str(ckpt), "--out", str(in_tmp / "oc")])
+
+    from clip_hvt.module import CLIPModule
+    module = CLIPModule.load_from_checkpoint(ckpt, map_location="cpu", weights_only=True).eval()
+    model, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{in_tmp / 'oc'}")
+    model.eval()
+    tokenizer = open_clip.get_tokenizer(f"local-dir:{in_tmp / 'oc'}")
+    captions = ["a small red circle on the left", "the star is blue"]
+    from clip_hvt.factory import create_tokenizer
+    assert torch.equal(tokenizer(captions), create_tokenizer(module.hparams.model_cfg)(captions))
+
+    images = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        ours = module.encode(images, tokenizer(captions + ["x"]))
+        theirs = (model.encode_image(images, normalize=True), model.encode_text(tokenizer(captions + ["x"]), normalize=True))
+    for a, b in zip(ours, theirs):
+        assert (a - b).abs().max() <= 1e-5
+    assert torch.equal(model.logit_scale, module.model.logit_scale)
+
+
+def test_shard_pattern_matching_nothing_stops_with_listing(tiny_config, in_tmp, capsys):
+    (in_tmp / "shards").mkdir()
+    (in_tmp / "shards" / "real-000000.tar").write_bytes(b"")
+    with pytest.raises(SystemExit) as exc:
+        train.main(["--config", tiny_config, "--data.train_shards", str(in_tmp / "shards" / "typo-{000000..000003}.tar")])
+    message = str(exc.value.code)
+    assert "matched no files" in message and "real-000000.tar" in message
+
+
+def test_unknown_model_name_lists_close_matches(tiny_config, in_tmp):
+    with pytest.raises(SystemExit) as exc:
+        _run(tiny_config, in_tmp / "shapes", "--model.model_cfg.vision_cfg.timm_model_name", "pvt_v2_b9")
+    message = str(exc.value.code)
+    assert "unknown image encoder 'pvt_v2_b9'" in message and "pvt_v2_b0" in message
+
+
+def test_unknown_config_key_is_rejected_with_valid_keys(tiny_config, in_tmp, capsys):
+    with pytest.raises(SystemExit) as exc:
+        _run(tiny_config, in_tmp / "shapes", "--model.lrate", "0.1")
+    assert exc.value.code != 0
+    err = capsys.readouterr().err
+    assert "lrate" in err
+
+
+def test_unknown_model_cfg_key_suggests_the_right_one(tiny_config, in_tmp):
+    with pytest.raises(SystemExit) as exc:
+        _run(tiny_config, in_tmp / "shapes", "--model.model_cfg.text_cfg.widht", "32")
+    message = str(exc.value.code)
+    assert "'widht' (did you mean 'width'?)" in message and "Valid keys" in message
+
+
+def test_print_config_shows_linked_model_cfg(tiny_config, in_tmp, capsys):
+    with pytest.raises(SystemExit) as exc:
+        _run(tiny_config, in_tmp / "shapes", "--print_config")
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    assert "timm_model_name: pvt_v2_b0" in out and "class_path: clip_hvt.callbacks.ZeroShotEvaluation" in out
