@@ -10,6 +10,7 @@ import lightning.pytorch as pl
 import torch
 import webdataset as wds
 from open_clip.zero_shot_classifier import build_zero_shot_classifier
+from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES, OPENAI_IMAGENET_TEMPLATES, SIMPLE_IMAGENET_TEMPLATES
 from PIL import Image
 
 from .data.decode import SKIP_REASONS
@@ -22,20 +23,31 @@ def batch_size(batch: dict) -> int:
     return batch["image"].shape[0]
 
 
-def load_zeroshot_set(root: str | Path) -> tuple[list[str], list[str], list[tuple[bytes, int]]]:
+def _names(value: str | None, root: Path, filename: str, builtin: dict[str, list[str]]) -> list[str]:
+    if value in builtin:
+        return list(builtin[value])
+    path = Path(value) if value else root / filename
+    if not path.is_file():
+        raise FileNotFoundError(f"zero-shot {filename[:-5]}: '{path}' does not exist; give a JSON list file "
+                                f"or one of {sorted(builtin)}")
+    return json.loads(path.read_text())
+
+
+def load_zeroshot_set(root: str | Path, classnames: str | None = None, templates: str | None = None):
     """Class names, prompt templates, and (image bytes, label) pairs from a zero-shot directory.
 
-    Layout: ``classnames.json``, ``templates.json`` (``str.format`` templates with one ``{}``) and
-    ``*.tar`` shards of ``jpg``/``png`` + ``cls`` (the label as text).
+    Layout: ``*.tar`` shards of ``jpg``/``png`` + ``cls`` (the label as text), and unless given
+    otherwise ``classnames.json`` and ``templates.json`` (``str.format`` templates with one ``{}``).
+    ``classnames='imagenet'`` and ``templates='openai'``/``'simple'`` take open_clip's lists.
     """
     root = Path(root)
-    missing = [n for n in ("classnames.json", "templates.json") if not (root / n).is_file()]
     shards = sorted(str(p) for p in root.glob("*.tar"))
-    if missing or not shards:
-        raise FileNotFoundError(f"zero-shot set '{root}' needs classnames.json, templates.json and *.tar shards; "
-                                f"missing: {missing + ([] if shards else ['*.tar'])}")
-    classnames = json.loads((root / "classnames.json").read_text())
-    templates = json.loads((root / "templates.json").read_text())
+    if not shards:
+        raise FileNotFoundError(f"zero-shot set '{root}' has no *.tar shards (jpg/png + cls)")
+    classnames = _names(classnames, root, "classnames.json", {"imagenet": IMAGENET_CLASSNAMES})
+    templates = _names(templates, root, "templates.json",
+                       {"openai": OPENAI_IMAGENET_TEMPLATES, "simple": SIMPLE_IMAGENET_TEMPLATES})
+    templates = [t("{}") if callable(t) else t for t in templates]
     samples = []
     for sample in wds.DataPipeline(wds.SimpleShardList(shards), wds.tarfile_to_samples()):
         image = sample.get("jpg", sample.get("png"))
@@ -47,11 +59,15 @@ class ZeroShotEvaluation(pl.Callback):
     """Zero-shot top-1/top-5 at the end of each validation, from open_clip's template-averaged classifier.
 
     Every rank scores its share of the images and the hit counts are summed, so all ranks log
-    the same numbers. ``root`` defaults to the data module's ``zeroshot_root`` (embedded data).
+    the same numbers. ``root`` defaults to the data module's ``zeroshot_root`` (embedded data);
+    ``classnames``/``templates`` are JSON list files or open_clip's built-in lists (see
+    ``load_zeroshot_set``), e.g. ImageNet-val shards with ``classnames: imagenet``, ``templates: openai``.
     """
 
-    def __init__(self, root: str | None = None, batch_size: int = 256):
+    def __init__(self, root: str | None = None, classnames: str | None = None, templates: str | None = None,
+                 batch_size: int = 256):
         self.root = root
+        self.classnames, self.templates = classnames, templates
         self.batch_size = batch_size
         self._data = None
 
@@ -64,7 +80,7 @@ class ZeroShotEvaluation(pl.Callback):
     @torch.no_grad()
     def evaluate(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, float]:
         if self._data is None:
-            self._data = load_zeroshot_set(self._root)
+            self._data = load_zeroshot_set(self._root, self.classnames, self.templates)
         classnames, templates, samples = self._data
         dm = trainer.datamodule
         model = pl_module.model

@@ -70,10 +70,26 @@ def create_model(model_cfg: dict, image_weights: str | None = None) -> torch.nn.
     custom_text = cfg.pop("custom_text", False) or "hf_model_name" in cfg["text_cfg"]
     cls = open_clip.CustomTextCLIP if custom_text else open_clip.CLIP
     model = cls(**cfg)
+    check_image_size(model, model_cfg)
     open_clip.model.set_model_preprocess_cfg(model, preprocess_cfg(model_cfg))
     if image_weights:
         load_image_weights(model, image_weights)
     return model
+
+
+def check_image_size(model: torch.nn.Module, model_cfg: dict) -> None:
+    """Run the image tower once on a blank image so a size its strides cannot take fails before training."""
+    size = model_cfg["vision_cfg"].get("image_size", 224)
+    height, width = (size, size) if isinstance(size, int) else size
+    was_training = model.visual.training
+    try:
+        with torch.no_grad():
+            model.visual.eval()(torch.zeros(1, 3, height, width))
+    except (RuntimeError, ValueError) as err:
+        name = model_cfg["vision_cfg"].get("timm_model_name") or "the ViT image tower"
+        raise ValueError(f"vision_cfg.image_size {size} does not fit {name}: {err}") from None
+    finally:
+        model.visual.train(was_training)
 
 
 def load_image_weights(model: torch.nn.Module, path: str) -> None:

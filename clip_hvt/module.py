@@ -10,9 +10,11 @@ import math
 
 import lightning.pytorch as pl
 import torch
+import torch.distributed as dist
 from open_clip_train.train import get_clip_metrics
 
 from . import factory
+from .gradcache import gradcache_backward
 from .loss import build_loss
 
 
@@ -42,6 +44,8 @@ class CLIPModule(pl.LightningModule):
         max_logit_scale: the temperature is clamped to ``[0, ln(max_logit_scale)]`` after each step.
         grad_checkpointing: recompute activations in backward (both towers).
         image_weights: local timm-layout checkpoint for the image trunk.
+        micro_batch_size: GradCache: encode the batch this many samples at a time, the loss still over
+            the whole (global) batch; exact gradients at the activation memory of one micro-batch.
     """
 
     def __init__(
@@ -57,9 +61,15 @@ class CLIPModule(pl.LightningModule):
         max_logit_scale: float = 100.0,
         grad_checkpointing: bool = False,
         image_weights: str | None = None,
+        micro_batch_size: int | None = None,
     ):
         super().__init__()
         self.save_hyperparameters()
+        if loss == "siglip" and "init_logit_bias" not in model_cfg:
+            raise ValueError("loss 'siglip' needs a learnable bias: set model_cfg.init_logit_bias (e.g. -10) "
+                             "and model_cfg.init_logit_scale (e.g. 2.3026 = ln 10), as open_clip's SigLIP configs do")
+        # GradCache runs several backward passes per step: Lightning's manual optimization.
+        self.automatic_optimization = micro_batch_size is None
         self.model = factory.create_model(model_cfg, image_weights=image_weights)
         if grad_checkpointing:
             self.model.set_grad_checkpointing(True)
@@ -78,13 +88,44 @@ class CLIPModule(pl.LightningModule):
         return getattr(self.model, "logit_bias", None)
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        image_features, text_features = self.encode(batch["image"], batch["text"])
         logit_scale = self.model.logit_scale.exp()
-        loss = self.loss_fn(image_features, text_features, logit_scale, self._logit_bias())
-        self.log("train/loss", loss, prog_bar=True)
+        if self.automatic_optimization:
+            image_features, text_features = self.encode(batch["image"], batch["text"])
+            loss = self.loss_fn(image_features, text_features, logit_scale, self._logit_bias())
+        else:
+            loss = self._gradcache_step(batch, logit_scale)
+        # Mean over ranks of the local-loss rows = the loss of the global batch.
+        self.log("train/loss", loss, prog_bar=True, sync_dist=True)
         self.log("train/logit_scale", logit_scale)
-        self.log("train/lr", self.optimizers().param_groups[0]["lr"], prog_bar=False)
+        self.log("train/lr", self.optimizers().param_groups[0]["lr"])
         return loss
+
+    def on_train_batch_start(self, batch, batch_idx) -> None:
+        ddp = self.trainer.strategy.model if not self.automatic_optimization else None
+        if ddp is not None and hasattr(ddp, "require_backward_grad_sync"):
+            # DDP's reducer expects one backward per forward; GradCache runs several, so the
+            # gradients are averaged once by _all_reduce_gradients instead.
+            ddp.require_backward_grad_sync = False
+
+    def _gradcache_step(self, batch: dict, logit_scale: torch.Tensor) -> torch.Tensor:
+        optimizer, schedule = self.optimizers(), self.lr_schedulers()
+        optimizer.zero_grad()
+        loss = gradcache_backward(self.encode, batch["image"], batch["text"], self.loss_fn, logit_scale,
+                                  self._logit_bias(), micro_batch_size=self.hparams.micro_batch_size,
+                                  backward=self.manual_backward)
+        self._all_reduce_gradients()
+        optimizer.step()
+        schedule.step()
+        return loss
+
+    def _all_reduce_gradients(self) -> None:
+        if self.trainer.world_size == 1 or not dist.is_initialized():
+            return
+        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        flat = torch.cat([g.flatten() for g in grads]).div_(self.trainer.world_size)
+        dist.all_reduce(flat)
+        for grad, synced in zip(grads, flat.split([g.numel() for g in grads])):
+            grad.copy_(synced.view_as(grad))
 
     def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
         with torch.no_grad():

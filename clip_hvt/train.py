@@ -7,6 +7,7 @@ and, with ``--export_dir``, writes the open_clip export.
 from __future__ import annotations
 
 import sys
+import warnings
 
 from lightning.pytorch.cli import LightningCLI
 
@@ -38,6 +39,13 @@ def _summary(metrics: dict, export_dir: str | None) -> str:
     if export_dir:
         lines.append(f"exported to {export_dir} (open_clip.create_model_and_transforms('local-dir:{export_dir}'))")
     return "\n".join(lines)
+
+
+# Known, harmless notices from our dependencies that would bury the run's own output.
+for _message in (r"\.with_length\(\) only sets the value of __len__",  # we set it on purpose (epoch length)
+                 r"`isinstance\(treespec, LeafSpec\)` is deprecated",
+                 r"you need to define a `flops_per_batch`"):
+    warnings.filterwarnings("ignore", message=_message)
 
 
 def main(args: list[str] | None = None) -> dict:

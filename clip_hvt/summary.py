@@ -1,0 +1,111 @@
+"""Model summary for choosing compute-matched pairs: ``python -m clip_hvt.summary --config FILE``.
+
+Prints image/text parameter counts, GFLOPs per image and per caption (torch's FLOP counter),
+the output shape of every stage of the image trunk, and forward+backward throughput measured on
+this machine. Takes the same (repeatable) ``--config`` files as training; only ``model`` is read.
+"""
+from __future__ import annotations
+
+import argparse
+import time
+from typing import Any
+
+import torch
+import yaml
+from torch.utils.flop_counter import FlopCounterMode
+
+from . import factory
+
+
+def _merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for key, value in over.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def model_cfg_from_configs(paths: list[str]) -> dict:
+    merged: dict[str, Any] = {}
+    for path in paths:
+        with open(path) as f:
+            merged = _merge(merged, yaml.safe_load(f) or {})
+    try:
+        return merged["model"]["model_cfg"]
+    except KeyError:
+        raise ValueError(f"no model.model_cfg in {paths}") from None
+
+
+def _params(module: torch.nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def _gflops(fn, *args) -> float:
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        fn(*args)
+    return counter.get_total_flops() / 1e9
+
+
+def stage_shapes(model: torch.nn.Module, images: torch.Tensor) -> list[tuple[int, ...]]:
+    """Per-stage output shapes of a timm trunk (``forward_intermediates``); [] for other towers."""
+    trunk = getattr(model.visual, "trunk", None)
+    if trunk is None or not hasattr(trunk, "forward_intermediates"):
+        return []
+    with torch.no_grad():
+        feats = trunk.forward_intermediates(images, intermediates_only=True)
+    return [tuple(f.shape) for f in feats]
+
+
+def throughput(model: torch.nn.Module, images: torch.Tensor, texts: torch.Tensor, steps: int = 3) -> float:
+    """Image-text pairs per second for forward+backward of both towers (after one warmup step)."""
+    model.train()
+    for i in range(steps + 1):
+        if i == 1:
+            start = time.perf_counter()
+        image = model.encode_image(images, normalize=True)
+        text = model.encode_text(texts, normalize=True)
+        (image @ text.T).sum().backward()
+    return steps * images.shape[0] / (time.perf_counter() - start)
+
+
+def summarize(model_cfg: dict, batch_size: int = 8, steps: int = 3) -> dict[str, Any]:
+    model = factory.create_model(model_cfg).eval()
+    size = factory.preprocess_cfg(model_cfg)["size"]
+    height, width = (size, size) if isinstance(size, int) else size
+    images = torch.randn(1, 3, height, width)
+    texts = factory.create_tokenizer(model_cfg)(["a photo of a small red circle on a striped background"])
+    return {
+        "image_params_M": _params(model.visual) / 1e6,
+        "text_params_M": (_params(model) - _params(model.visual)) / 1e6,
+        "image_gflops": _gflops(model.encode_image, images),
+        "text_gflops": _gflops(model.encode_text, texts),
+        "stage_shapes": stage_shapes(model, images),
+        "pairs_per_s": throughput(model, images.expand(batch_size, -1, -1, -1).contiguous(),
+                                  texts.expand(batch_size, -1).contiguous(), steps) if steps else None,
+        "image_size": (height, width),
+        "threads": torch.get_num_threads(),
+    }
+
+
+def main(args: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", action="append", required=True, help="YAML with model.model_cfg (repeatable)")
+    parser.add_argument("--batch_size", type=int, default=8, help="batch for the throughput measurement")
+    parser.add_argument("--steps", type=int, default=3, help="timed forward+backward steps (0: skip)")
+    opts = parser.parse_args(args)
+    cfg = model_cfg_from_configs(opts.config)
+    info = summarize(cfg, opts.batch_size, opts.steps)
+    name = cfg["vision_cfg"].get("timm_model_name") or f"open_clip ViT width {cfg['vision_cfg'].get('width')}"
+    print(f"image tower  {name} @ {info['image_size'][0]}x{info['image_size'][1]}: "
+          f"{info['image_params_M']:.2f} M params, {info['image_gflops']:.3f} GFLOPs/image")
+    print(f"text tower   {info['text_params_M']:.2f} M params, {info['text_gflops']:.3f} GFLOPs/caption")
+    for i, shape in enumerate(info["stage_shapes"]):
+        print(f"  stage {i}: {list(shape)}")
+    if info["pairs_per_s"] is not None:
+        print(f"forward+backward: {info['pairs_per_s']:.1f} pairs/s (batch {opts.batch_size}, "
+              f"{info['threads']} threads, this machine)")
+    return info
+
+
+if __name__ == "__main__":
+    main()
