@@ -46,6 +46,8 @@ class CLIPModule(pl.LightningModule):
         image_weights: local timm-layout checkpoint for the image trunk.
         micro_batch_size: GradCache: encode the batch this many samples at a time, the loss still over
             the whole (global) batch; exact gradients at the activation memory of one micro-batch.
+        compile: ``torch.compile`` both towers in place (state-dict keys unchanged).
+        channels_last: keep the image tower and images in channels-last memory format (faster convs on GPUs).
     """
 
     def __init__(
@@ -62,6 +64,8 @@ class CLIPModule(pl.LightningModule):
         grad_checkpointing: bool = False,
         image_weights: str | None = None,
         micro_batch_size: int | None = None,
+        compile: bool = False,
+        channels_last: bool = False,
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -73,6 +77,13 @@ class CLIPModule(pl.LightningModule):
         self.model = factory.create_model(model_cfg, image_weights=image_weights)
         if grad_checkpointing:
             self.model.set_grad_checkpointing(True)
+        if channels_last:
+            self.model.visual.to(memory_format=torch.channels_last)
+        if compile:
+            # nn.Module.compile compiles in place: no `_orig_mod.` prefix in checkpoints or exports.
+            self.model.visual.compile()
+            text_tower = self.model.text if hasattr(self.model, "text") else self.model.transformer
+            text_tower.compile()
         self.loss_fn = build_loss(loss)  # rebuilt with the real rank/world size in setup()
         self._val_features: list[tuple[torch.Tensor, torch.Tensor]] = []
 
@@ -80,6 +91,8 @@ class CLIPModule(pl.LightningModule):
         self.loss_fn = build_loss(self.hparams.loss, rank=self.global_rank, world_size=self.trainer.world_size)
 
     def encode(self, images: torch.Tensor, texts: torch.Tensor):
+        if self.hparams.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
         image_features = self.model.encode_image(images, normalize=True)
         text_features = self.model.encode_text(texts, normalize=True)
         return image_features, text_features

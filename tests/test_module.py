@@ -78,3 +78,20 @@ def test_logit_scale_is_clamped_after_each_step(tmp_path):
     module.model.logit_scale.data.fill_(10.0)
     module.on_train_batch_end(None, None, 0)
     assert module.model.logit_scale.item() == pytest.approx(math.log(100))
+
+
+def test_speed_switches_keep_state_dict_keys_and_outputs():
+    torch.manual_seed(0)
+    plain = CLIPModule(TINY_CFG).eval()
+    fast = CLIPModule(TINY_CFG, channels_last=True).eval()
+    fast.load_state_dict(plain.state_dict())  # strict: channels-last changes no key
+    assert fast.model.visual.trunk.patch_embed.proj.weight.is_contiguous(memory_format=torch.channels_last)
+    images, texts = torch.randn(2, 3, 32, 32), torch.randint(0, 49408, (2, 16))
+    with torch.no_grad():
+        for a, b in zip(plain.encode(images, texts), fast.encode(images, texts)):
+            assert (a - b).abs().max() < 1e-5
+    # Compiling on CPU takes minutes, so only its wiring is checked here: both towers, keys unchanged.
+    compiled = CLIPModule(TINY_CFG, compile=True)
+    compiled.load_state_dict(plain.state_dict())
+    assert compiled.model.visual._compiled_call_impl is not None
+    assert compiled.model.transformer._compiled_call_impl is not None
