@@ -1,0 +1,69 @@
+"""Training throughput of our CvT-13 against transformers' CvtModel (same config, random init).
+
+Forward + backward images/s at 224 px, batch 16, on the CPU with a fixed thread count; both models run
+in the same process, interleaved per round so that load from other processes hits both alike.
+
+    PYTHONPATH=. python benchmarks/bench_cvt.py [--batch-size 16] [--img-size 224] [--threads 2] [--iters 5]
+"""
+import argparse
+import time
+
+import torch
+import timm
+from transformers import CvtConfig, CvtModel
+
+import clip_hvt.models.cvt  # noqa: F401  (registers cvt_13 in timm)
+
+
+def _step_hf(model, x):
+    out = model(x)
+    (out.last_hidden_state.float().mean() + out.cls_token_value.float().mean()).backward()
+
+
+def _step_ours(model, x):
+    model.forward_features(x).float().mean().backward()
+
+
+def _time(step, model, x, iters: int) -> float:
+    start = time.perf_counter()
+    for _ in range(iters):
+        step(model, x)
+        model.zero_grad(set_to_none=True)
+    return x.shape[0] * iters / (time.perf_counter() - start)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument('--batch-size', type=int, default=16)
+    parser.add_argument('--img-size', type=int, default=224)
+    parser.add_argument('--threads', type=int, default=2)
+    parser.add_argument('--iters', type=int, default=5, help='timed iterations per model and round')
+    parser.add_argument('--rounds', type=int, default=2)
+    parser.add_argument('--warmup', type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+
+    # drop_path off in both: transformers applies it to a different tensor, which would skew the work done
+    hf = CvtModel(CvtConfig(drop_path_rate=[0.0, 0.0, 0.0]), add_pooling_layer=False).train()
+    ours = timm.create_model('cvt_13', num_classes=0).train()
+    x = torch.randn(args.batch_size, 3, args.img_size, args.img_size)
+
+    for _ in range(args.warmup):
+        _step_hf(hf, x)
+        _step_ours(ours, x)
+    rates = {'transformers': [], 'ours': []}
+    for _ in range(args.rounds):
+        rates['transformers'].append(_time(_step_hf, hf, x, args.iters))
+        rates['ours'].append(_time(_step_ours, ours, x, args.iters))
+    hf_rate, our_rate = max(rates['transformers']), max(rates['ours'])
+
+    print(f'CvT-13 forward+backward, batch {args.batch_size}, {args.img_size}px, {args.threads} threads '
+          f'(best of {args.rounds} rounds x {args.iters} iters)')
+    print(f'transformers CvtModel: {hf_rate:8.2f} img/s')
+    print(f'clip_hvt cvt_13:       {our_rate:8.2f} img/s')
+    print(f'ratio ours/transformers: {our_rate / hf_rate:.2f}x')
+
+
+if __name__ == '__main__':
+    main()
