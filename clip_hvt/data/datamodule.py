@@ -18,7 +18,7 @@ import webdataset as wds
 
 from .. import factory
 from . import synthetic
-from .decode import RobustDecoder, SkipCounter, collate
+from .decode import RobustDecoder, SkipCounter, TarSamples, collate
 from .shards import ShardSplit, WeightedResampledShards, count_samples, expand_sources
 
 log = logging.getLogger(__name__)
@@ -149,7 +149,7 @@ class WebDataModule(pl.LightningDataModule):
                                          rank=self.rank, stream_offset=step)
         pipeline = wds.DataPipeline(
             shards,
-            wds.tarfile_to_samples(handler=counter.tar_error),
+            TarSamples(counter),
             wds.shuffle(self.sample_shuffle, initial=min(self.sample_shuffle, 500)),
             self._decoder(self.train_transform, counter, seed=hash((self.seed, self.rank, step))),
             wds.batched(self.batch_size, partial=False,
@@ -168,7 +168,7 @@ class WebDataModule(pl.LightningDataModule):
         pipeline = wds.DataPipeline(
             wds.SimpleShardList(urls),
             ShardSplit(rank=self.rank, world_size=self.world_size),
-            wds.tarfile_to_samples(handler=counter.tar_error),
+            TarSamples(counter),
             self._decoder(self.val_transform, counter, seed=self.seed),
             wds.batched(self.val_batch_size, partial=True,
                         collation_fn=partial(collate, tokenizer=self.tokenizer, counter=counter)),

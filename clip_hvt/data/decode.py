@@ -1,8 +1,13 @@
-"""Decode raw WebDataset samples into (image, caption), skipping and counting what is broken.
+"""Read WebDataset shards into raw samples and decode them into (image, caption), skipping and
+counting what is broken.
 
-Only images (Pillow), UTF-8 text and JSON are ever decoded: a member with a pickle-like extension
-makes the sample a counted skip, never a ``pickle.load``. Counts travel with every batch (see
-``collate``) so the training process can log them and stop a run whose data is broken.
+A shard that cannot be read to its end (truncated, no end-of-archive block, not a tar, unreadable)
+counts one ``corrupt_shard``. Its samples up to the last complete member header before the break go
+on, except the sample that header belongs to (it may be incomplete); that one and the rest of the
+shard are lost, uncounted (their number is unknown). Only images (Pillow), UTF-8 text and JSON
+are ever decoded: a member with a pickle-like extension makes the sample a counted skip, never a
+``pickle.load``. Counts travel with every batch (see ``collate``) so the training process can log
+them and stop a run whose data is broken.
 """
 from __future__ import annotations
 
@@ -10,11 +15,14 @@ import io
 import json
 import logging
 import random
+import tarfile
 import warnings
 from typing import Callable, Iterator, Sequence
 
 import torch
+import webdataset as wds
 from PIL import Image
+from webdataset.tariterators import base_plus_ext
 
 log = logging.getLogger(__name__)
 
@@ -53,15 +61,59 @@ class SkipCounter:
         if n <= self.log_first or n % 1000 == 0:
             log.warning("skipped sample %s: %s (%d so far for this reason in this worker)", where, reason, n)
 
-    def tar_error(self, exn: Exception) -> bool:
-        """webdataset handler for shard-level errors: count, log, carry on with the next shard."""
-        self.add("corrupt_shard", f"({type(exn).__name__}: {exn})")
-        return True
-
     def take(self) -> torch.Tensor:
         counts = torch.tensor([self._pending[r] for r in SKIP_REASONS], dtype=torch.long)
         self._pending = dict.fromkeys(SKIP_REASONS, 0)
         return counts
+
+
+class TarSamples:
+    """Pipeline stage: shard dicts (``url``) -> raw samples ``{"__key__", "__url__", ext: bytes}``.
+
+    Hand-written over ``tarfile`` because webdataset's reader hands on the partial sample of a shard
+    that breaks mid-stream and calls its handler once per failed read, so counts would not be exact.
+    A sample goes on once the next header shows a new key, or the archive ends cleanly.
+    """
+
+    def __init__(self, counter: SkipCounter):
+        self.counter = counter
+
+    def __call__(self, shards: Iterator[dict]) -> Iterator[dict]:
+        for shard in shards:
+            url = shard["url"]
+            try:
+                stream = wds.gopen(url)
+            except Exception as exn:  # missing file, failed pipe/remote open
+                self.counter.add("corrupt_shard", f"{url} ({type(exn).__name__}: {exn})")
+                continue
+            with stream:
+                yield from self._samples(stream, url)
+
+    def _samples(self, stream, url: str) -> Iterator[dict]:
+        sample = None
+        try:
+            with tarfile.open(fileobj=stream, mode="r|*") as tar:
+                for info in tar:
+                    tar.members = []  # stream mode would otherwise keep every header of the shard
+                    key, ext = base_plus_ext(info.name)
+                    if not info.isreg() or key is None or key.rsplit("/", 1)[-1].startswith("__"):
+                        continue
+                    if sample is not None and key != sample["__key__"]:
+                        yield sample
+                        sample = None
+                    data = tar.extractfile(info).read()
+                    if len(data) != info.size:
+                        raise EOFError(f"{info.name}: {len(data)} of {info.size} bytes")
+                    sample = sample or {"__key__": key, "__url__": url}
+                    sample[ext.lower()] = data
+                # tarfile ends quietly on a cut header; a complete tar ends with a zero block
+                if tar.fileobj.tell() < tar.offset + tarfile.BLOCKSIZE:
+                    raise EOFError(f"no end-of-archive block after {tar.offset} bytes")
+        except Exception as exn:  # tarfile.ReadError, EOFError, zlib/OS errors: the shard is broken here
+            self.counter.add("corrupt_shard", f"{url} ({type(exn).__name__}: {exn})")
+            return
+        if sample is not None:
+            yield sample
 
 
 def _caption(sample: dict, key: str, rng: random.Random) -> str:
@@ -105,7 +157,8 @@ def _image(sample: dict, max_pixels: int, draft_size: int | None) -> Image.Image
             if draft_size and img.format == "JPEG":
                 # DCT-domain downscale: decode straight to >= draft_size instead of full size.
                 img.draft("RGB", (draft_size, draft_size))
-            return img.convert("RGB")
+            img.load()  # decode errors surface here, inside the try, not later in the transform
+            return img if img.mode == "RGB" else img.convert("RGB")
     except SkipSample:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
@@ -125,11 +178,12 @@ class RobustDecoder:
         self.caption_keys = [caption_keys] if isinstance(caption_keys, str) else list(caption_keys)
         self.max_image_pixels = max_image_pixels
         self.draft_size = draft_size
+        self.seed = seed
         self.rng = random.Random(seed)
         self.source_of = source_of or {}
 
     def decode(self, sample: dict) -> tuple[torch.Tensor, str]:
-        if any(k in sample for k in PICKLE_KEYS):
+        if any(k.rsplit(".", 1)[-1] in PICKLE_KEYS for k in sample):
             raise SkipSample("pickle_member")
         key = self.caption_keys[self.source_of.get(sample.get("__url__"), 0) if len(self.caption_keys) > 1 else 0]
         caption = _caption(sample, key, self.rng)
@@ -137,6 +191,9 @@ class RobustDecoder:
         return self.transform(image), caption
 
     def __call__(self, samples: Iterator[dict]) -> Iterator[tuple[torch.Tensor, str]]:
+        info = torch.utils.data.get_worker_info()
+        # forked workers hold copies of one rng: reseed per worker so their caption choices differ
+        self.rng = random.Random(hash((self.seed, info.id if info else 0)))
         for sample in samples:
             try:
                 yield self.decode(sample)
@@ -145,6 +202,11 @@ class RobustDecoder:
 
 
 def collate(samples: list[tuple[torch.Tensor, str]], tokenizer: Callable, counter: SkipCounter) -> dict:
-    """Stack images, tokenize the batch's captions at once, attach skips counted since the last batch."""
+    """Stack images, tokenize the batch's captions at once, attach skips counted since the last batch.
+
+    webdataset's ``batched`` calls this when the first sample of the next batch arrives (or the
+    stream ends), so a batch carries every skip met before that sample: summed over batches, the
+    counts are exact.
+    """
     images, captions = zip(*samples)
     return {"image": torch.stack(images), "text": tokenizer(list(captions)), "skipped": counter.take()}

@@ -122,9 +122,9 @@ class WeightedResampledShards(torch.utils.data.IterableDataset):
     """Endless shard URLs: pick a source by weight, then a shard of it uniformly.
 
     Hand-written because webdataset's ``ResampledShards`` has no per-source weights, and mixing at
-    shard level keeps one decoding pipeline. The seed mixes base seed, rank, worker and a
-    ``stream_offset`` (the global step at (re)start), so ranks differ and a resumed run does not
-    replay the order of the run it resumes.
+    shard level keeps one decoding pipeline. The seed mixes base seed, rank, worker, a
+    ``stream_offset`` (the global step at (re)start) and the pass number, so ranks and epochs
+    differ and a resumed run does not replay the order of the run it resumes.
     """
 
     def __init__(self, sources: list[list[str]], weights: Sequence[float] | None = None,
@@ -137,11 +137,13 @@ class WeightedResampledShards(torch.utils.data.IterableDataset):
         self.sources = sources
         self.weights = list(weights) if weights is not None else [len(s) for s in sources]
         self.seed, self.rank, self.stream_offset = seed, rank, stream_offset
+        self._passes = 0  # persistent workers keep this object: each epoch draws a fresh sequence
 
     def __iter__(self) -> Iterator[dict]:
         info = torch.utils.data.get_worker_info()
         worker = info.id if info else 0
-        rng = random.Random(hash((self.seed, self.rank, worker, self.stream_offset)))
+        rng = random.Random(hash((self.seed, self.rank, worker, self.stream_offset, self._passes)))
+        self._passes += 1
         indices = range(len(self.sources))
         while True:
             source = rng.choices(indices, weights=self.weights)[0]

@@ -1,0 +1,131 @@
+"""Shard lists: spec expansion, sample counts, weighted resampling, the rank x worker split."""
+import json
+from collections import Counter
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from clip_hvt.data.shards import ShardSplit, WeightedResampledShards, count_samples, expand_sources
+
+
+def touch_shards(directory, names):
+    directory.mkdir(parents=True, exist_ok=True)
+    for name in names:
+        (directory / name).write_bytes(b"")
+    return [str(directory / n) for n in names]
+
+
+def test_brace_expansion_and_double_colon_give_one_list_per_source(tmp_path):
+    a = touch_shards(tmp_path / "a", [f"a-{i:06d}.tar" for i in range(3)])
+    b = touch_shards(tmp_path / "b", ["b-0.tar", "b-1.tar"])
+    spec = f"{tmp_path}/a/a-{{000000..000002}}.tar :: {tmp_path}/b/b-{{0,1}}.tar"
+    assert expand_sources(spec) == [a, b]
+    assert expand_sources([f"{tmp_path}/b/b-{{0..1}}.tar"]) == [b]
+
+
+def test_pattern_matching_nothing_lists_what_the_directory_holds(tmp_path):
+    touch_shards(tmp_path, [f"train-{i:06d}.tar" for i in range(7)])
+    with pytest.raises(FileNotFoundError) as err:
+        expand_sources(f"{tmp_path}/tain-{{000000..000006}}.tar")
+    message = str(err.value)
+    assert "matched no files" in message and "train-000000.tar" in message and "(7 in all)" in message
+
+
+def test_pattern_with_some_shards_missing_names_them(tmp_path):
+    touch_shards(tmp_path, ["s-0.tar", "s-1.tar"])
+    with pytest.raises(FileNotFoundError, match=r"1 of 3 shards .* do not exist.*s-2.tar"):
+        expand_sources(f"{tmp_path}/s-{{0..2}}.tar")
+
+
+def test_pattern_in_missing_directory_says_so(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        expand_sources(f"{tmp_path}/nowhere/s-{{0..2}}.tar")
+
+
+def test_counts_come_from_sizes_json(tmp_path):
+    urls = touch_shards(tmp_path, ["s-0.tar", "s-1.tar"])
+    (tmp_path / "sizes.json").write_text(json.dumps({"s-0.tar": 10, "s-1.tar": 7, "other.tar": 1000}))
+    assert count_samples([urls]) == 17
+
+
+def test_counts_come_from_img2dataset_stats_without_sizes_json(tmp_path):
+    urls = touch_shards(tmp_path, ["00000.tar", "00001.tar"])
+    for name, ok in (("00000", 9), ("00001", 6)):
+        stats = {"count": 10, "successes": ok, "failed_to_download": 10 - ok, "failed_to_resize": 0}
+        (tmp_path / f"{name}_stats.json").write_text(json.dumps(stats))
+    assert count_samples([urls]) == 15
+
+
+def test_counts_sum_over_sources(tmp_path):
+    a = touch_shards(tmp_path / "a", ["s-0.tar"])
+    b = touch_shards(tmp_path / "b", ["00000.tar"])
+    (tmp_path / "a" / "sizes.json").write_text(json.dumps({"s-0.tar": 4}))
+    (tmp_path / "b" / "00000_stats.json").write_text(json.dumps({"count": 5, "successes": 5}))
+    assert count_samples([a, b]) == 9
+
+
+def test_missing_count_is_a_clear_error(tmp_path):
+    urls = touch_shards(tmp_path, ["s-0.tar", "s-1.tar"])
+    (tmp_path / "sizes.json").write_text(json.dumps({"s-0.tar": 10}))  # s-1 not listed
+    with pytest.raises(ValueError, match="no sample count .*check_shards.py.*train_num_samples"):
+        count_samples([urls])
+
+
+def _draws(shards, n):
+    it = iter(shards)
+    return [next(it) for _ in range(n)]
+
+
+def test_resampling_follows_source_weights():
+    sources = [["a0", "a1"], ["b0", "b1", "b2", "b3", "b4", "b5"]]
+    draws = _draws(WeightedResampledShards(sources, weights=[3, 1], seed=1), 4000)
+    by_source = Counter(d["source"] for d in draws)
+    assert abs(by_source[0] / 4000 - 0.75) < 0.03
+    assert all(d["url"] in sources[d["source"]] for d in draws)
+    assert set(d["url"] for d in draws) == set(sources[0] + sources[1])  # uniform within a source reaches all
+
+
+def test_resampling_defaults_to_weights_by_shard_count():
+    sources = [["a0"], ["b0", "b1", "b2"]]
+    draws = _draws(WeightedResampledShards(sources, seed=0), 4000)
+    assert abs(Counter(d["source"] for d in draws)[1] / 4000 - 0.75) < 0.03
+
+
+def test_resampling_differs_by_rank_and_stream_offset_and_repeats_for_equal_seeds():
+    sources = [[f"s{i}" for i in range(50)]]
+
+    def urls(**kw):
+        return [d["url"] for d in _draws(WeightedResampledShards(sources, seed=3, **kw), 40)]
+
+    assert urls(rank=0) == urls(rank=0)
+    assert urls(rank=0) != urls(rank=1)
+    assert urls(rank=0, stream_offset=0) != urls(rank=0, stream_offset=100)
+
+
+@pytest.mark.parametrize("weights,match", [([1.0], "1 source weights given for 2 sources"),
+                                           ([1.0, -1.0], "non-negative"), ([0.0, 0.0], "positive sum")])
+def test_bad_weights_are_rejected(weights, match):
+    with pytest.raises(ValueError, match=match):
+        WeightedResampledShards([["a"], ["b"]], weights=weights)
+
+
+def test_shard_split_covers_every_shard_once_over_ranks_and_workers(monkeypatch):
+    shards = [dict(url=f"s{i}") for i in range(23)]
+    world_size, num_workers = 3, 2
+    seen = []
+    for rank in range(world_size):
+        for worker in range(num_workers):
+            info = SimpleNamespace(id=worker, num_workers=num_workers)
+            monkeypatch.setattr(torch.utils.data, "get_worker_info", lambda info=info: info)
+            part = [s["url"] for s in ShardSplit(rank=rank, world_size=world_size)(iter(shards))]
+            assert len(part) in (3, 4)  # 23 shards over 6 readers: as even as possible
+            seen.extend(part)
+    assert sorted(seen) == sorted(s["url"] for s in shards)
+    assert len(seen) == len(set(seen))
+
+
+def test_each_pass_over_the_resampler_draws_a_fresh_sequence():
+    shards = WeightedResampledShards([[f"s{i}" for i in range(50)]], seed=3)
+    first, second = _draws(shards, 40), _draws(shards, 40)
+    assert first != second  # a new epoch of a persistent worker does not replay the last one
