@@ -11,6 +11,7 @@ import warnings
 
 from lightning.pytorch.cli import LightningCLI
 
+from . import slurm
 from .data.datamodule import WebDataModule
 from .export import export_module
 from .module import CLIPModule
@@ -44,7 +45,8 @@ def _summary(metrics: dict, export_dir: str | None) -> str:
 # Known, harmless notices from our dependencies that would bury the run's own output.
 for _message in (r"\.with_length\(\) only sets the value of __len__",  # we set it on purpose (epoch length)
                  r"`isinstance\(treespec, LeafSpec\)` is deprecated",
-                 r"you need to define a `flops_per_batch`"):
+                 r"you need to define a `flops_per_batch`",
+                 r"torch.distributed.nn.functional.all_gather is deprecated"):  # open_clip's loss; still exact
     warnings.filterwarnings("ignore", message=_message)
 
 
@@ -52,6 +54,7 @@ def main(args: list[str] | None = None) -> dict:
     try:
         cli = CLI(CLIPModule, WebDataModule, run=False, args=args, seed_everything_default=0,
                   save_config_kwargs={"overwrite": True}, auto_configure_optimizers=False)
+        slurm.check_trainer(cli.trainer)  # tasks vs devices, nodes vs num_nodes: fail before any rank waits
     except (ValueError, FileNotFoundError) as err:  # bad model name, shard pattern, ...: no traceback
         sys.exit(f"clip_hvt.train: error: {err}")
     trainer, model, data = cli.trainer, cli.model, cli.datamodule

@@ -150,7 +150,8 @@ class WebDataModule(pl.LightningDataModule):
         pipeline = wds.DataPipeline(
             shards,
             TarSamples(counter),
-            wds.shuffle(self.sample_shuffle, initial=min(self.sample_shuffle, 500)),
+            wds.shuffle(self.sample_shuffle, initial=min(self.sample_shuffle, 500),
+                        seed=hash((self.seed, self.rank, step))),  # else webdataset seeds from pid and time
             self._decoder(self.train_transform, counter, seed=hash((self.seed, self.rank, step))),
             wds.batched(self.batch_size, partial=False,
                         collation_fn=partial(collate, tokenizer=self.tokenizer, counter=counter)),

@@ -1,0 +1,103 @@
+"""Two-rank DDP on CPU through the real CLI: uneven shards never desynchronise the ranks, and a rank
+that fails stops the whole job with its error instead of leaving the others waiting forever."""
+import io
+import json
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import lightning.pytorch as pl
+import pytest
+import webdataset as wds
+
+from clip_hvt.data import synthetic
+
+REPO = Path(__file__).resolve().parents[1]
+CPU_DDP = REPO / "configs" / "cpu_ddp.yaml"
+SHARD_SIZES = (7, 60, 13, 90, 30)
+JOB_TIMEOUT_S = 420  # bounds a hang; a healthy run takes well under a minute
+
+pytestmark = pytest.mark.slow
+
+
+class StepRecorder(pl.Callback):
+    """Test-only: each rank writes how many batches it trained and its final global step."""
+
+    def __init__(self, out_dir: str):
+        self.out_dir = out_dir
+        self.batches = 0
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.batches += 1
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        record = {"batches": self.batches, "global_step": trainer.global_step, "world_size": trainer.world_size}
+        Path(self.out_dir, f"rank{trainer.global_rank}.json").write_text(json.dumps(record))
+
+
+class FailOnRank(pl.Callback):
+    """Test-only: raise on one rank at one step, as a data or numerics error would."""
+
+    def __init__(self, rank: int, step: int):
+        self.rank, self.step = rank, step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.global_rank == self.rank and trainer.global_step == self.step:
+            raise RuntimeError(f"injected failure on rank {self.rank} at step {self.step}")
+
+
+def write_uneven_shards(root: Path, sizes=SHARD_SIZES) -> str:
+    root.mkdir(parents=True)
+    rng = random.Random(0)
+    table = {}
+    for index, count in enumerate(sizes):
+        name = f"uneven-{index:06d}.tar"
+        with wds.TarWriter(str(root / name), encoder=False) as sink:
+            for i in range(count):
+                image, attrs = synthetic.render(rng, 40)
+                buf = io.BytesIO()
+                image.save(buf, format="JPEG")
+                sink.write({"__key__": f"{index}-{i:04d}", "jpg": buf.getvalue(),
+                            "txt": synthetic.caption(attrs, rng).encode()})
+        table[name] = count
+    (root / "sizes.json").write_text(json.dumps(table))
+    return str(root / f"uneven-{{000000..{len(sizes) - 1:06d}}}.tar")
+
+
+def callback_arg(cls: type, **init_args) -> str:
+    return "--trainer.callbacks+=" + json.dumps({"class_path": f"tests.test_distributed.{cls.__name__}",
+                                                 "init_args": init_args})
+
+
+def run_cli(cwd: Path, *args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+           "WANDB_MODE": "offline", "PYTHONWARNINGS": "ignore::FutureWarning"}
+    for key in [k for k in env if k.startswith("SLURM_")]:  # never mistake a test run for a SLURM step
+        del env[key]
+    cmd = [sys.executable, "-m", "clip_hvt.train", "--config", str(CPU_DDP), "--final_validation", "false", *args]
+    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=JOB_TIMEOUT_S)
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    return write_uneven_shards(tmp_path_factory.mktemp("uneven") / "shards")
+
+
+def test_two_ranks_on_uneven_shards_train_the_same_number_of_steps(shards, tmp_path):
+    # 200 samples, 2 ranks x batch 8: 12 batches per rank per epoch, so 15 steps cross an epoch boundary.
+    result = run_cli(tmp_path, "--trainer.devices", "2", "--trainer.strategy", "ddp",
+                     "--data.shapes", "null", "--data.train_shards", shards, "--trainer.max_steps", "15",
+                     callback_arg(StepRecorder, out_dir=str(tmp_path)))
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    records = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert records[0] == records[1] == {"batches": 15, "global_step": 15, "world_size": 2}
+
+
+@pytest.mark.parametrize("failing_rank", [1])
+def test_a_failing_rank_stops_the_whole_job_with_its_error(shards, tmp_path, failing_rank):
+    result = run_cli(tmp_path, "--data.shapes", "null", "--data.train_shards", shards, "--trainer.max_steps", "15",
+                     callback_arg(FailOnRank, rank=failing_rank, step=3))
+    assert result.returncode != 0
+    assert f"injected failure on rank {failing_rank} at step 3" in result.stderr
