@@ -61,7 +61,7 @@ class ShapesConfig:
     val_samples: int = 1000
     zeroshot_per_class: int = 20
     samples_per_shard: int = 2500
-    version: int = 1  # bump when rendering changes, so caches regenerate
+    version: int = 2  # bump when rendering or the file layout changes, so caches regenerate
 
 
 def _polygon(shape: str, cx: float, cy: float, r: float, angle: float) -> list[tuple[float, float]]:
@@ -134,7 +134,9 @@ def _jpeg(img: Image.Image) -> bytes:
 def _write_split(out: Path, split: str, samples, per_shard: int) -> None:
     out.mkdir(parents=True)
     sizes: dict[str, int] = {}
-    with wds.ShardWriter(str(out / f"shapes-{split}-%06d.tar"), maxcount=per_shard, verbose=0) as sink:
+    # Raw bytes only (encoder=False: no pickling of any key) and a fixed mtime: same seed, same bytes.
+    with wds.ShardWriter(str(out / f"shapes-{split}-%06d.tar"), maxcount=per_shard, verbose=0,
+                         encoder=False, mtime=0.0) as sink:
         for i, sample in enumerate(samples):
             sink.write({"__key__": f"{split}{i:08d}", **sample})
             name = os.path.basename(sink.fname)
@@ -145,7 +147,7 @@ def _write_split(out: Path, split: str, samples, per_shard: int) -> None:
 def _pairs(rng: random.Random, n: int, image_size: int):
     for _ in range(n):
         img, attrs = render(rng, image_size)
-        yield {"jpg": _jpeg(img), "txt": caption(attrs, rng), "json": json.dumps(attrs)}
+        yield {"jpg": _jpeg(img), "txt": caption(attrs, rng).encode(), "json": json.dumps(attrs).encode()}
 
 
 def _zeroshot(rng: random.Random, per_class: int, image_size: int):
@@ -153,7 +155,7 @@ def _zeroshot(rng: random.Random, per_class: int, image_size: int):
         colour, shape = name.split(" ")
         for _ in range(per_class):
             img, _ = render(rng, image_size, colour=colour, shape=shape)
-            yield {"jpg": _jpeg(img), "cls": str(label)}
+            yield {"jpg": _jpeg(img), "cls": str(label).encode()}
 
 
 def generate(root: str | os.PathLike, cfg: ShapesConfig = ShapesConfig()) -> Path:
