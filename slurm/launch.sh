@@ -44,10 +44,10 @@ if [ -n "${SLURM_CPUS_PER_TASK:-}" ]; then
     export SRUN_CPUS_PER_TASK=$SLURM_CPUS_PER_TASK
 fi
 
-# Resume from the newest of the step checkpoints (last*.ckpt) and the pre-timeout save
-# (hpc_ckpt_*.ckpt): Lightning's ckpt_path="last" looks at the former only.
-resume=$(find "$run_dir" \( -name 'last*.ckpt' -o -name 'hpc_ckpt_*.ckpt' \) -type f -printf '%T@ %p\n' \
-    | sort -n | tail -n 1 | cut -d' ' -f2-)
+# Resume from the newest checkpoint of any kind (step saves, last*.ckpt, the pre-timeout hpc_ckpt_*.ckpt):
+# Lightning's ckpt_path="last" ignores the hpc save, and a kill can land between a step save and
+# last.ckpt. Writes are atomic (temp file + rename), so every *.ckpt present is complete.
+resume=$(find "$run_dir" -name '*.ckpt' -type f -printf '%T@ %p\n' | sort -n | tail -n 1 | cut -d' ' -f2-)
 
 echo "=== clip_hvt attempt $((${SLURM_RESTART_COUNT:-0} + 1)) of job $SLURM_JOB_ID on $SLURM_JOB_NODELIST" \
     "at $(date -Is): run dir $run_dir, resume from ${resume:-scratch}, wandb id $WANDB_RUN_ID"

@@ -153,7 +153,7 @@ def test_requeued_sbatch_job_resumes_from_its_last_step_checkpoint(slurm_env, tm
     assert _job_field(job_id, "Restarts", env) == "1"
     assert "=== clip_hvt attempt 1 " in out and "resume from scratch" in out  # --open-mode=append kept both
     second = out[out.index("=== clip_hvt attempt 2 "):]
-    assert re.search(r"resume from \S+/last\.ckpt,", second) and "Restored all states from the checkpoint" in second
+    assert re.search(r"resume from \S+\.ckpt,", second) and "Restored all states from the checkpoint" in second
 
     first_steps = _steps(run_dir / "runs" / "cpu_ddp" / "lightning_logs" / "version_0" / "metrics.csv")
     second_steps = _steps(run_dir / "runs" / "cpu_ddp" / "lightning_logs" / "version_1" / "metrics.csv")
