@@ -1,11 +1,17 @@
 """Training throughput of our CvT-13 against transformers' CvtModel (same config, random init).
 
-Forward + backward images/s at 224 px, batch 16, on the CPU with a fixed thread count; both models run
-in the same process, interleaved per round so that load from other processes hits both alike.
+Measures forward + backward images/s (no optimizer step) at 224 px, batch 16, on the CPU with a fixed thread
+count, in fp32 or under CPU bf16 autocast (`--precision bf16`, both models alike, as bf16-mixed training
+runs). transformers' model runs without its pooler and with drop-path off (it would apply it to a different
+tensor); ours runs `forward_features` (its extra final LayerNorm is included). Both models live in the same
+process and alternate round by round, so load from other processes hits both alike; the medians over rounds
+are compared, and every round's ratio is printed.
 
-    PYTHONPATH=. python benchmarks/bench_cvt.py [--batch-size 16] [--img-size 224] [--threads 2] [--iters 5]
+    PYTHONPATH=. python benchmarks/bench_cvt.py [--precision fp32|bf16] [--batch-size 16] [--img-size 224]
+        [--threads 2] [--iters 5] [--rounds 3] [--warmup 2]
 """
 import argparse
+import statistics
 import time
 
 import torch
@@ -38,8 +44,10 @@ def main():
     parser.add_argument('--img-size', type=int, default=224)
     parser.add_argument('--threads', type=int, default=2)
     parser.add_argument('--iters', type=int, default=5, help='timed iterations per model and round')
-    parser.add_argument('--rounds', type=int, default=2)
+    parser.add_argument('--rounds', type=int, default=3)
     parser.add_argument('--warmup', type=int, default=2)
+    parser.add_argument('--precision', choices=['fp32', 'bf16'], default='fp32',
+                        help='bf16: CPU autocast for both models, as bf16-mixed training does')
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -49,20 +57,23 @@ def main():
     ours = timm.create_model('cvt_13', num_classes=0).train()
     x = torch.randn(args.batch_size, 3, args.img_size, args.img_size)
 
-    for _ in range(args.warmup):
-        _step_hf(hf, x)
-        _step_ours(ours, x)
-    rates = {'transformers': [], 'ours': []}
-    for _ in range(args.rounds):
-        rates['transformers'].append(_time(_step_hf, hf, x, args.iters))
-        rates['ours'].append(_time(_step_ours, ours, x, args.iters))
-    hf_rate, our_rate = max(rates['transformers']), max(rates['ours'])
+    autocast = torch.autocast('cpu', dtype=torch.bfloat16, enabled=args.precision == 'bf16')
+    with autocast:
+        for _ in range(args.warmup):
+            _step_hf(hf, x)
+            _step_ours(ours, x)
+        rates = {'transformers': [], 'ours': []}
+        for _ in range(args.rounds):
+            rates['transformers'].append(_time(_step_hf, hf, x, args.iters))
+            rates['ours'].append(_time(_step_ours, ours, x, args.iters))
+    hf_rate, our_rate = statistics.median(rates['transformers']), statistics.median(rates['ours'])
+    per_round = ' '.join(f'{o / h:.2f}x' for h, o in zip(rates['transformers'], rates['ours']))
 
-    print(f'CvT-13 forward+backward, batch {args.batch_size}, {args.img_size}px, {args.threads} threads '
-          f'(best of {args.rounds} rounds x {args.iters} iters)')
+    print(f'CvT-13 forward+backward, batch {args.batch_size}, {args.img_size}px, {args.threads} threads, '
+          f'{args.precision} (median of {args.rounds} rounds x {args.iters} iters)')
     print(f'transformers CvtModel: {hf_rate:8.2f} img/s')
     print(f'clip_hvt cvt_13:       {our_rate:8.2f} img/s')
-    print(f'ratio ours/transformers: {our_rate / hf_rate:.2f}x')
+    print(f'ratio ours/transformers: {our_rate / hf_rate:.2f}x (per round: {per_round})')
 
 
 if __name__ == '__main__':

@@ -36,7 +36,10 @@ BatchNorm in the q/k/v projections and distributed training (`bn_mode`):
 Gradient checkpointing recomputes blocks without updating BatchNorm running statistics a second time.
 
 Speed: tokens stay in (B, N, C) order, which viewed as NCHW is channels-last memory, so the convolutions and
-BatchNorms run channels-last without copies; attention goes through `F.scaled_dot_product_attention`.
+BatchNorms run channels-last without copies. Attention goes through `F.scaled_dot_product_attention`, except on
+the CPU for small score matrices (stages 2 and 3 at 224 px), where explicit matmuls + softmax are faster. Under
+CPU autocast the strided k/v projections (depthwise conv + BatchNorm) stay in fp32: oneDNN's bf16 backward of
+strided depthwise convs is ~30x slower there. Training throughput on 2 CPU cores is in benchmarks/README.md.
 """
 from contextlib import contextmanager, nullcontext
 from typing import List, Optional, Tuple, Union
@@ -47,7 +50,8 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import DropPath, Mlp, calculate_drop_path_rates, freeze_batch_norm_2d, to_ntuple, trunc_normal_
+from timm.layers import (
+    DropPath, Mlp, calculate_drop_path_rates, freeze_batch_norm_2d, to_ntuple, trunc_normal_, use_fused_attn)
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 
@@ -55,6 +59,10 @@ __all__ = ['ConvolutionalVisionTransformer', 'checkpoint_filter_fn']
 
 _BN_MODES = ('batch', 'frozen')
 _GLOBAL_POOLS = ('token', 'avg', '')
+# below this many scores per head, PyTorch's CPU flash attention is slower than explicit matmuls + softmax
+# (measured fwd+bwd, batch 16, bf16: 2-4x slower in stages 2 and 3; fp32: even); stage 1 of CvT-13 at 224 px
+# has 3136 x 784 scores, where flash is 1.3-2x faster
+_CPU_SDPA_MIN_SCORES = 2 ** 20
 
 
 class ConvProjection(nn.Module):
@@ -67,7 +75,12 @@ class ConvProjection(nn.Module):
         self.bn = nn.BatchNorm2d(dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.bn(self.conv(x))
+        if max(self.conv.stride) > 1 and x.device.type == 'cpu' and torch.is_autocast_enabled('cpu'):
+            # oneDNN's bf16 backward of strided depthwise convs is ~30x slower than fp32 on CPU
+            with torch.autocast('cpu', enabled=False):
+                x = self.bn(self.conv(x.to(self.conv.weight.dtype)))
+        else:
+            x = self.bn(self.conv(x))
         return x.permute(0, 2, 3, 1).flatten(1, 2)  # a view: the map is channels-last
 
 
@@ -92,6 +105,7 @@ class ConvAttention(nn.Module):
         self.num_prefix_tokens = num_prefix_tokens
         # the reference CvT scales by the full width; kept so that converted weights behave identically
         self.scale = dim ** -0.5
+        self.fused_attn = use_fused_attn()
 
         self.conv_proj_q = ConvProjection(dim, kernel_size, stride_q)
         self.conv_proj_k = ConvProjection(dim, kernel_size, stride_kv)
@@ -126,8 +140,13 @@ class ConvAttention(nn.Module):
         q = self._project(self.conv_proj_q, self.q, x_map, prefix)
         k = self._project(self.conv_proj_k, self.k, x_map, prefix)
         v = self._project(self.conv_proj_v, self.v, x_map, prefix)
-        x = F.scaled_dot_product_attention(
-            q, k, v, dropout_p=self.attn_drop if self.training else 0., scale=self.scale)
+        if self.fused_attn and (x.device.type != 'cpu' or q.shape[-2] * k.shape[-2] >= _CPU_SDPA_MIN_SCORES):
+            x = F.scaled_dot_product_attention(
+                q, k, v, dropout_p=self.attn_drop if self.training else 0., scale=self.scale)
+        else:
+            attn = (q * self.scale) @ k.transpose(-2, -1)
+            attn = F.dropout(attn.softmax(dim=-1), self.attn_drop, self.training)
+            x = attn @ v
 
         x = x.transpose(1, 2).reshape(B, N, C)
         x = self.proj(x)

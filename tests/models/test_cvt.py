@@ -1,4 +1,4 @@
-"""CvT (clip_hvt.models.cvt): timm interface, shapes, checkpointing, BatchNorm modes, input-size errors."""
+"""CvT (clip_hvt.models.cvt): timm interface, shapes, checkpointing, BN modes, input-size errors, CPU speed paths."""
 import pytest
 import timm
 import torch
@@ -6,6 +6,7 @@ import torch.nn as nn
 from torchvision.ops.misc import FrozenBatchNorm2d
 from timm.models import group_parameters
 
+from clip_hvt.models import cvt
 from clip_hvt.models.cvt import ConvolutionalVisionTransformer
 
 TINY = dict(depths=(1, 1, 2), embed_dims=(16, 32, 48), num_heads=(1, 2, 3), num_classes=5)
@@ -182,3 +183,37 @@ def test_frozen_bn_mode_keeps_statistics_in_train_mode():
 
     with pytest.raises(ValueError, match='bn_mode'):
         tiny(bn_mode='sync')
+
+
+def test_cpu_attention_paths_agree(monkeypatch):
+    """ Small maps take explicit matmuls + softmax on the CPU, large ones SDPA; both compute the same. """
+    x = torch.randn(2, 3, 48, 40)
+    results = []
+    for min_scores in (0, float('inf')):  # SDPA everywhere, then nowhere
+        monkeypatch.setattr(cvt, '_CPU_SDPA_MIN_SCORES', min_scores)
+        model = tiny().train()
+        out = model(x)
+        out.square().sum().backward()
+        results.append((out.detach(), {n: p.grad for n, p in model.named_parameters()}))
+    (out_sdpa, grads_sdpa), (out_explicit, grads_explicit) = results
+    torch.testing.assert_close(out_explicit, out_sdpa, rtol=0, atol=1e-5)
+    for name, grad in grads_sdpa.items():
+        torch.testing.assert_close(grads_explicit[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_strided_qkv_projections_run_in_fp32_under_cpu_autocast():
+    """ oneDNN's bf16 backward of strided depthwise convs is slow on CPU, so k/v projections leave autocast. """
+    model = tiny().train()
+    dtypes = {}
+    for name, m in model.named_modules():
+        if isinstance(m, cvt.ConvProjection):
+            m.register_forward_hook(lambda mod, args, out, name=name: dtypes.__setitem__(name, out.dtype))
+    x = torch.randn(4, 3, 48, 40)
+    ref = model(x)
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        out = model(x)
+    out.float().sum().backward()
+    assert {(n.rsplit('.', 1)[-1], d) for n, d in dtypes.items()} == {
+        ('conv_proj_q', torch.bfloat16), ('conv_proj_k', torch.float32), ('conv_proj_v', torch.float32)}
+    assert all(p.grad is not None for p in model.parameters())
+    torch.testing.assert_close(out.float(), ref, rtol=0, atol=0.1)  # bf16 rounding, not a different function
