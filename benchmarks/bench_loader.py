@@ -79,7 +79,15 @@ def ours(spec: str, batch_size: int, workers: int):
     dm = WebDataModule(train_shards=spec, model_cfg=MODEL_CFG, batch_size=batch_size, num_workers=workers,
                        train_num_samples=10**7)
     dm.setup("fit")
-    return dm.train_dataloader()
+    loader = dm.train_dataloader()
+    # Our workers ship uint8; the normalization Lightning runs after transfer (on the GPU in training)
+    # is counted here, on the CPU, so both sides deliver the same normalized float batches.
+    return (dm.on_after_batch_transfer(batch, 0) for batch in _forever(loader))
+
+
+def _forever(loader):
+    while True:
+        yield from loader
 
 
 def open_clip_loader(spec: str, batch_size: int, workers: int):

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Sequence
 
 import lightning.pytorch as pl
+import torch
 import webdataset as wds
 
 from .. import factory
@@ -110,6 +111,11 @@ class WebDataModule(pl.LightningDataModule):
         if self.model_cfg is None:
             raise ValueError("WebDataModule needs model_cfg (the CLI links it from model.model_cfg)")
         self.train_transform, self.val_transform = factory.image_transforms(self.model_cfg, self.aug_cfg)
+        # Workers run the PIL part and ship uint8; on_after_batch_transfer normalizes on the device.
+        train_split, val_split = (factory.split_normalize(t) for t in (self.train_transform, self.val_transform))
+        self._normalize = train_split[1:] if train_split and val_split else None
+        self._train_pil = train_split[0] if self._normalize else self.train_transform
+        self._val_pil = val_split[0] if self._normalize else self.val_transform
         self.tokenizer = factory.create_tokenizer(self.model_cfg)
         self.image_size = factory.preprocess_cfg(self.model_cfg)["size"]
         self.train_sources = expand_sources(self.train_shards)
@@ -152,7 +158,7 @@ class WebDataModule(pl.LightningDataModule):
             TarSamples(counter),
             wds.shuffle(self.sample_shuffle, initial=min(self.sample_shuffle, 500),
                         seed=hash((self.seed, self.rank, step))),  # else webdataset seeds from pid and time
-            self._decoder(self.train_transform, counter, seed=hash((self.seed, self.rank, step))),
+            self._decoder(self._train_pil, counter, seed=hash((self.seed, self.rank, step))),
             wds.batched(self.batch_size, partial=False,
                         collation_fn=partial(collate, tokenizer=self.tokenizer, counter=counter)),
         ).with_epoch(math.ceil(num_batches / workers))
@@ -160,6 +166,11 @@ class WebDataModule(pl.LightningDataModule):
         loader = wds.WebLoader(pipeline, batch_size=None, num_workers=self.num_workers,
                                persistent_workers=self.num_workers > 0)
         return loader.with_length(math.ceil(num_batches / workers) * workers)
+
+    def on_after_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
+        if self._normalize is not None and batch["image"].dtype == torch.uint8:
+            batch["image"] = factory.normalize_uint8(batch["image"], *self._normalize)
+        return batch
 
     def val_dataloader(self):
         if not self.val_sources:
@@ -170,7 +181,7 @@ class WebDataModule(pl.LightningDataModule):
             wds.SimpleShardList(urls),
             ShardSplit(rank=self.rank, world_size=self.world_size),
             TarSamples(counter),
-            self._decoder(self.val_transform, counter, seed=self.seed),
+            self._decoder(self._val_pil, counter, seed=self.seed),
             wds.batched(self.val_batch_size, partial=True,
                         collation_fn=partial(collate, tokenizer=self.tokenizer, counter=counter)),
         )
