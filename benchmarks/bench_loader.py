@@ -22,7 +22,6 @@ import platform
 import random
 import statistics
 import subprocess
-import sys
 import time
 from argparse import Namespace
 from pathlib import Path
