@@ -157,10 +157,13 @@ def test_requeued_sbatch_job_resumes_from_its_last_step_checkpoint(slurm_env, tm
 
     first_steps = _steps(run_dir / "runs" / "cpu_ddp" / "lightning_logs" / "version_0" / "metrics.csv")
     second_steps = _steps(run_dir / "runs" / "cpu_ddp" / "lightning_logs" / "version_1" / "metrics.csv")
-    start = min(second_steps)
-    assert min(first_steps) == 0 and max(first_steps) >= 5
-    # continued from a step checkpoint (every 5 steps) at most 5 steps behind the killed attempt, not from 0
-    assert start % 5 == 0 and max(first_steps) - 5 < start <= max(first_steps) + 1
+    start, reached = min(second_steps), max(first_steps)
+    # The first attempt wrote the step-5 checkpoint (waited for above). Lightning logs a step's row after
+    # the step's checkpoint callback, so a requeue landing in between leaves the row of step s-1 unlogged
+    # while checkpoint s exists: the last logged row can be one short of the newest checkpoint.
+    assert min(first_steps) == 0 and reached >= 3
+    # continued from a step checkpoint (every 5 steps), not from 0, at most 5 steps behind the killed attempt
+    assert start >= 5 and start % 5 == 0 and reached - 5 < start <= reached + 2
     assert second_steps == list(range(start, 30))
     final = torch.load(checkpoints / "last.ckpt", weights_only=True, map_location="cpu")
     assert final["global_step"] == 30
