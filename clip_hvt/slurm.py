@@ -12,12 +12,22 @@ and ``--nodes`` with ``num_nodes``. It misses three cases, which this check adds
 
 Detection follows Lightning: SLURM is in charge when ``SLURM_NTASKS`` is set and the job is not
 an interactive allocation (job name ``bash`` or ``interactive``).
+
+``RequeueOnSignal`` replaces Lightning's handler for the pre-timeout signal (see its docstring).
 """
 from __future__ import annotations
 
 import os
 import re
+import signal
+import subprocess
+from pathlib import Path
 from typing import Mapping
+
+import lightning.pytorch as pl
+import torch
+from lightning.fabric.plugins.environments import SLURMEnvironment
+from lightning.pytorch.utilities import rank_zero_warn
 
 INTERACTIVE_JOB_NAMES = ("bash", "interactive")  # as lightning.fabric.plugins.environments.slurm
 
@@ -77,3 +87,82 @@ def check_launch(num_devices: int, num_nodes: int, env: Mapping[str, str] | None
 def check_trainer(trainer) -> None:
     """``check_launch`` for a built ``lightning.pytorch.Trainer`` (devices resolved, e.g. from 'auto')."""
     check_launch(trainer.num_devices, trainer.num_nodes)
+
+
+def hpc_checkpoint_path(root: str | os.PathLike) -> Path:
+    """Next ``hpc_ckpt_N.ckpt`` under ``root``, named as Lightning names its pre-timeout saves."""
+    versions = [int(m[1]) for p in Path(root).glob("hpc_ckpt_*.ckpt") if (m := re.fullmatch(r"hpc_ckpt_(\d+)\.ckpt", p.name))]
+    return Path(root) / f"hpc_ckpt_{max(versions, default=0) + 1}.ckpt"
+
+
+def requeue_command(env: Mapping[str, str] | None = None) -> list[str]:
+    """``scontrol requeue`` for this job (or this task of an array job)."""
+    env = os.environ if env is None else env
+    if env.get("SLURM_ARRAY_JOB_ID"):
+        return ["scontrol", "requeue", f"{env['SLURM_ARRAY_JOB_ID']}_{env['SLURM_ARRAY_TASK_ID']}"]
+    return ["scontrol", "requeue", env["SLURM_JOB_ID"]]
+
+
+class RequeueOnSignal(pl.Callback):
+    """On SLURM's pre-timeout signal (``#SBATCH --signal=SIGUSR1@90``), save ``hpc_ckpt_N.ckpt`` in
+    ``default_root_dir`` and requeue the job, at a step boundary that every rank agrees on.
+
+    Why not Lightning's own handler: it saves the checkpoint *inside* the signal handler, and
+    ``Trainer.save_checkpoint`` ends with a barrier. Under DDP a rank that takes the signal while its
+    peer is in the gradient all-reduce then waits in a barrier the peer never reaches, and the job
+    fails at the collective timeout instead of requeueing (seen on the test cluster, gloo, 2 ranks).
+    Here the handler only sets a flag; after each training step the ranks all-reduce it (one scalar)
+    and, if any rank got the signal, all of them save together and rank 0 runs ``scontrol requeue``.
+    Training then continues until SLURM stops the attempt; the next one resumes from the newest
+    checkpoint (``slurm/launch.sh``).
+
+    Installed in ``setup``, before Lightning registers its handlers, so Lightning leaves this signal
+    alone. Inert unless Lightning runs under SLURM with ``auto_requeue`` (its default); the signal is
+    the environment's ``requeue_signal``. ``clip_hvt.train`` adds this callback when a config has none.
+    """
+
+    def __init__(self, check_every_n_steps: int = 1):
+        self.check_every_n_steps = check_every_n_steps
+        self.signalled = False
+        self._signum: int | None = None
+        self._previous = None
+
+    @staticmethod
+    def _environment(trainer: pl.Trainer):
+        return getattr(trainer.strategy, "cluster_environment", None) or \
+            getattr(getattr(trainer, "_accelerator_connector", None), "cluster_environment", None)
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        environment = self._environment(trainer)
+        if stage != "fit" or not isinstance(environment, SLURMEnvironment) or not environment.auto_requeue:
+            return
+        self._signum = environment.requeue_signal or signal.SIGUSR1
+        self._previous = signal.signal(self._signum, self._on_signal)
+
+    def _on_signal(self, signum, frame) -> None:  # only a flag: no I/O, no collectives in a handler
+        self.signalled = True
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if self._signum is None or trainer.global_step % self.check_every_n_steps:
+            return
+        flag = torch.tensor(float(self.signalled), device=pl_module.device)
+        if trainer.strategy.reduce(flag, reduce_op="sum").item() == 0:
+            return
+        self.signalled = False
+        path = trainer.strategy.broadcast(str(hpc_checkpoint_path(trainer.default_root_dir).absolute()))
+        trainer.save_checkpoint(path)  # on every rank: Lightning's save is collective
+        if trainer.is_global_zero:
+            command = requeue_command()
+            result = subprocess.run(command, capture_output=True, text=True)
+            if result.returncode:
+                rank_zero_warn(f"{signal.Signals(self._signum).name}: saved {path} at step {trainer.global_step}, "
+                               f"but `{' '.join(command)}` failed ({result.returncode}): "
+                               f"{(result.stderr or result.stdout).strip()}")
+            else:
+                print(f"{signal.Signals(self._signum).name}: saved {path} at step {trainer.global_step} "
+                      f"and requeued SLURM job {command[-1]}", flush=True)
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if self._signum is not None and stage == "fit":
+            signal.signal(self._signum, self._previous if self._previous is not None else signal.SIG_DFL)
+            self._signum = None

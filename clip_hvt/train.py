@@ -55,6 +55,8 @@ def main(args: list[str] | None = None) -> dict:
         cli = CLI(CLIPModule, WebDataModule, run=False, args=args, seed_everything_default=0,
                   save_config_kwargs={"overwrite": True}, auto_configure_optimizers=False)
         slurm.check_trainer(cli.trainer)  # tasks vs devices, nodes vs num_nodes: fail before any rank waits
+        if not any(isinstance(c, slurm.RequeueOnSignal) for c in cli.trainer.callbacks):
+            cli.trainer.callbacks.append(slurm.RequeueOnSignal())  # replaces Lightning's unsafe SIGUSR1 save
     except (ValueError, FileNotFoundError) as err:  # bad model name, shard pattern, ...: no traceback
         sys.exit(f"clip_hvt.train: error: {err}")
     trainer, model, data = cli.trainer, cli.model, cli.datamodule
