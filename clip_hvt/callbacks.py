@@ -111,9 +111,11 @@ class ZeroShotEvaluation(pl.Callback):
 class SkipMonitor(pl.Callback):
     """Log skipped-sample counts by reason (summed over ranks) and stop a run whose data is broken.
 
-    Counts arrive with each batch (``batch["skipped"]``). A run stops with an error once more than
-    ``min_samples`` were read and the skipped fraction exceeds ``max_skip_rate``: a broken data set
-    must not train silently.
+    Counts arrive with each batch (``batch["skipped"]``). Training counts accumulate over the run
+    (``data/skipped_<reason>``); validation counts are per validation pass
+    (``val_data/skipped_<reason>`` and ``val_data/samples``, the samples the metrics were computed
+    on). A run stops with an error once more than ``min_samples`` training samples were read and the
+    skipped fraction exceeds ``max_skip_rate``: a broken data set must not train silently.
     """
 
     def __init__(self, max_skip_rate: float = 0.1, min_samples: int = 1000, log_every_n_steps: int = 50):
@@ -122,6 +124,8 @@ class SkipMonitor(pl.Callback):
         self.log_every_n_steps = log_every_n_steps
         self.skipped = torch.zeros(len(SKIP_REASONS), dtype=torch.long)
         self.used = 0
+        self.val_skipped = torch.zeros(len(SKIP_REASONS), dtype=torch.long)
+        self.val_used = 0
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         self.skipped += batch["skipped"].cpu()
@@ -140,6 +144,28 @@ class SkipMonitor(pl.Callback):
             raise RuntimeError(f"{total_skipped} of {seen} samples skipped ({total_skipped / seen:.1%} > "
                                f"max_skip_rate {self.max_skip_rate:.1%}): {detail}. Check the shards with "
                                "`python data_scripts/check_shards.py`.")
+
+    def on_validation_epoch_start(self, trainer, pl_module) -> None:
+        self.val_skipped.zero_()
+        self.val_used = 0
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        if "skipped" in batch:
+            self.val_skipped += batch["skipped"].cpu()
+        self.val_used += batch["image"].shape[0]
+
+    def on_validation_epoch_end(self, trainer, pl_module) -> None:
+        if trainer.sanity_checking:
+            return
+        counts = torch.cat([self.val_skipped, torch.tensor([self.val_used])]).to(pl_module.device)
+        counts = trainer.strategy.reduce(counts, reduce_op="sum").long().cpu()
+        for reason, n in zip(SKIP_REASONS, counts[:-1].tolist()):
+            pl_module.log(f"val_data/skipped_{reason}", float(n), rank_zero_only=True)
+        pl_module.log("val_data/samples", float(counts[-1]), rank_zero_only=True)
+        if counts[:-1].sum():
+            detail = ", ".join(f"{r}={n}" for r, n in zip(SKIP_REASONS, counts[:-1].tolist()) if n)
+            log.warning("validation skipped %d sample(s) and used %d: %s", int(counts[:-1].sum()),
+                        int(counts[-1]), detail)
 
     def state_dict(self) -> dict:
         return {"skipped": self.skipped.tolist(), "used": self.used}

@@ -37,6 +37,12 @@ def _summary(metrics: dict, export_dir: str | None) -> str:
     for key in ("val/image_to_text_R@1", "val/text_to_image_R@1"):
         if key in metrics:
             lines.append(f"{key} {metrics[key]:.1%}")
+    val_skipped = {k.removeprefix("val_data/skipped_"): int(v) for k, v in metrics.items()
+                   if k.startswith("val_data/skipped_") and v}
+    if val_skipped:
+        lines.append(f"validation skipped {sum(val_skipped.values())} sample(s) "
+                     f"({', '.join(f'{k}={n}' for k, n in val_skipped.items())}); metrics are over the "
+                     f"{int(metrics.get('val_data/samples', 0))} that decoded")
     if export_dir:
         lines.append(f"exported to {export_dir} (open_clip.create_model_and_transforms('local-dir:{export_dir}'))")
     return "\n".join(lines)

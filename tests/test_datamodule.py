@@ -234,14 +234,14 @@ def expected_counts_per_step(batch_size, steps):
         counts["corrupt_shard"] += 1
 
 
-def _cli(tiny_config, tmp_path, shard, max_skip_rate=0.1, min_samples=1000):
-    """The tiny config trained on ``shard`` alone: no embedded data, no validation, only SkipMonitor."""
+def _cli(tiny_config, tmp_path, shard, *args, max_skip_rate=0.1, min_samples=1000):
+    """The tiny config trained on ``shard`` alone: no embedded data, no validation (unless ``args`` ask), only SkipMonitor."""
     override = tmp_path / "data_only.yaml"
     override.write_text(
         "data:\n  shapes: null\ntrainer:\n  callbacks:\n    - class_path: clip_hvt.callbacks.SkipMonitor\n"
         f"      init_args: {{max_skip_rate: {max_skip_rate}, min_samples: {min_samples}, log_every_n_steps: 1}}\n")
     return train.main(["--config", tiny_config, "--config", str(override), "--data.train_shards", shard,
-                       "--data.max_image_pixels", str(MAX_PIXELS), "--data.sample_shuffle", "0"])
+                       "--data.max_image_pixels", str(MAX_PIXELS), "--data.sample_shuffle", "0", *args])
 
 
 def test_cli_trains_on_faulty_img2dataset_output_and_logs_exact_skip_counts(tiny_config, tmp_path, monkeypatch,
@@ -269,3 +269,18 @@ def test_cli_stops_when_the_skip_rate_passes_the_threshold(tiny_config, tmp_path
     assert f"{n} of {n + 16} samples skipped ({n / (n + 16):.1%} > max_skip_rate 5.0%)" in message
     assert ", ".join(f"{r}={first[r]}" for r in SKIP_REASONS if r in first) in message
     assert "check_shards.py" in message
+
+
+def test_validation_skips_are_counted_per_pass_logged_and_summarised(tiny_config, tmp_path, monkeypatch,
+                                                                     faulty_img2dataset, capsys):
+    monkeypatch.chdir(tmp_path)
+    metrics = _cli(tiny_config, tmp_path, faulty_img2dataset, "--data.val_shards", faulty_img2dataset,
+                   "--trainer.max_steps", "2")
+    # validation reads the shard once: each fault once, then the tar breaks inside entry 40
+    expected = Counter(FAULTS[kind][1] for _, kind in CLI_FAULTS) + Counter(corrupt_shard=1)
+    assert {r: int(metrics[f"val_data/skipped_{r}"]) for r in SKIP_REASONS} == \
+        {r: expected.get(r, 0) for r in SKIP_REASONS}
+    assert metrics["val_data/samples"] == CLI_CUT - len(CLI_FAULTS)
+    out = capsys.readouterr().out
+    assert f"validation skipped {sum(expected.values())} sample(s) (" in out
+    assert f"metrics are over the {CLI_CUT - len(CLI_FAULTS)} that decoded" in out
