@@ -11,6 +11,7 @@ import math
 import lightning.pytorch as pl
 import torch
 import torch.distributed as dist
+from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, SingleDeviceStrategy
 from open_clip_train.train import get_clip_metrics
 
 from . import factory
@@ -88,6 +89,8 @@ class CLIPModule(pl.LightningModule):
         self._val_features: list[tuple[torch.Tensor, torch.Tensor]] = []
 
     def setup(self, stage: str) -> None:
+        if not self.automatic_optimization:
+            check_gradcache_strategy(self.trainer.strategy)
         self.loss_fn = build_loss(self.hparams.loss, rank=self.global_rank, world_size=self.trainer.world_size)
 
     def encode(self, images: torch.Tensor, texts: torch.Tensor):
@@ -170,6 +173,15 @@ class CLIPModule(pl.LightningModule):
         schedule = torch.optim.lr_scheduler.LambdaLR(
             optimizer, warmup_cosine(hp.warmup_steps, max_steps, hp.min_lr_ratio))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+
+def check_gradcache_strategy(strategy) -> None:
+    """GradCache (``micro_batch_size``) averages gradients itself with one all-reduce: that is right
+    for DDP (whose own sync is turned off) and one device, wrong for strategies that shard gradients."""
+    if not isinstance(strategy, (SingleDeviceStrategy, DDPStrategy)) or isinstance(strategy, DeepSpeedStrategy):
+        raise ValueError(f"model.micro_batch_size (GradCache) works with a single device or DDP, not "
+                         f"{type(strategy).__name__}: it all-reduces full gradients itself. Use DDP, or drop "
+                         "micro_batch_size and lower data.batch_size")
 
 
 def gather_uneven(module: pl.LightningModule, x: torch.Tensor) -> torch.Tensor:

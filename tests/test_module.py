@@ -95,3 +95,15 @@ def test_speed_switches_keep_state_dict_keys_and_outputs():
     compiled.load_state_dict(plain.state_dict())
     assert compiled.model.visual._compiled_call_impl is not None
     assert compiled.model.transformer._compiled_call_impl is not None
+
+
+def test_gradcache_refuses_strategies_that_shard_gradients():
+    from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, FSDPStrategy, SingleDeviceStrategy
+
+    from clip_hvt.module import check_gradcache_strategy
+
+    check_gradcache_strategy(DDPStrategy())
+    check_gradcache_strategy(SingleDeviceStrategy(torch.device("cpu")))
+    for strategy in (FSDPStrategy, DeepSpeedStrategy):
+        with pytest.raises(ValueError, match=f"single device or DDP, not {strategy.__name__}"):
+            check_gradcache_strategy(strategy.__new__(strategy))  # the check needs only the type
