@@ -147,16 +147,36 @@ class CLIPModule(pl.LightningModule):
         with torch.no_grad():
             self.model.logit_scale.clamp_(0, math.log(self.hparams.max_logit_scale))
 
+    def on_validation_start(self) -> None:
+        # Validation inside fit runs through the DDP wrapper, whose forward broadcasts buffers: a
+        # collective per batch, which hangs when ranks hold different numbers of validation batches
+        # (shards split by rank). Eval mode changes no buffer, and the next training forward
+        # broadcasts again. The epoch-end gathers below take uneven row counts.
+        ddp = self.trainer.strategy.model
+        self._paused_broadcast = getattr(ddp, "broadcast_buffers", False) is True
+        if self._paused_broadcast:
+            ddp.broadcast_buffers = False
+
+    def on_validation_end(self) -> None:
+        if getattr(self, "_paused_broadcast", False):
+            self.trainer.strategy.model.broadcast_buffers = True
+            self._paused_broadcast = False
+
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         self._val_features.append(self.encode(batch["image"], batch["text"]))
 
     def on_validation_epoch_end(self) -> None:
-        if not self._val_features:
-            return
-        image, text = (torch.cat(f) for f in zip(*self._val_features))
+        # Every rank gathers, also one whose share of the validation shards was empty (float32 on all
+        # ranks: the gather needs one dtype).
+        if self._val_features:
+            image, text = (torch.cat(f).float() for f in zip(*self._val_features))
+        else:
+            image = text = torch.zeros(0, self.hparams.model_cfg["embed_dim"], device=self.device)
         self._val_features.clear()
         image, text = gather_uneven(self, image), gather_uneven(self, text)
-        metrics = get_clip_metrics(image.float(), text.float(), self.model.logit_scale.exp().float())
+        if image.shape[0] == 0:  # no validation samples on any rank
+            return
+        metrics = get_clip_metrics(image, text, self.model.logit_scale.exp().float())
         for name, value in metrics.items():
             self.log(f"val/{name}", float(value), rank_zero_only=True, sync_dist=False)
 
@@ -189,6 +209,8 @@ def gather_uneven(module: pl.LightningModule, x: torch.Tensor) -> torch.Tensor:
     if module.trainer.world_size == 1:
         return x
     sizes = module.all_gather(torch.tensor(x.shape[0], device=x.device)).flatten().tolist()
+    if max(sizes) == 0:
+        return x
     padded = torch.zeros((max(sizes), *x.shape[1:]), dtype=x.dtype, device=x.device)
     padded[: x.shape[0]] = x
     gathered = module.all_gather(padded)

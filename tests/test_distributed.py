@@ -1,5 +1,6 @@
 """Two-rank DDP on CPU through the real CLI: uneven shards never desynchronise the ranks, and a rank
 that fails stops the whole job with its error instead of leaving the others waiting forever."""
+import csv
 import io
 import json
 import os
@@ -101,3 +102,18 @@ def test_a_failing_rank_stops_the_whole_job_with_its_error(shards, tmp_path, fai
                      callback_arg(FailOnRank, rank=failing_rank, step=3))
     assert result.returncode != 0
     assert f"injected failure on rank {failing_rank} at step 3" in result.stderr
+
+
+def test_validation_with_uneven_shares_of_the_val_shards_neither_hangs_nor_drops_rows(shards, tmp_path):
+    # The one validation shard goes to rank 0: rank 1 has no validation batch at all, which hung in
+    # DDP's per-forward buffer broadcast before validation paused it.
+    only = shards.replace("{000000..000004}", "000003")  # 90 samples
+    result = run_cli(tmp_path, "--data.shapes", "null", "--data.train_shards", shards, "--data.val_shards", only,
+                     "--trainer.max_steps", "4", "--trainer.val_check_interval", "4", "--final_validation", "true",
+                     "--trainer.strategy.init_args.timeout", "0:00:45")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    with open(tmp_path / "runs" / "cpu_ddp" / "lightning_logs" / "version_0" / "metrics.csv") as f:
+        rows = [r for r in csv.DictReader(f) if r.get("val/image_to_text_R@1")]
+    assert len(rows) == 2  # the validation inside fit and the final one
+    assert all(float(r["val_data/samples"]) == 90 for r in rows)  # every row, from both ranks' shares
+    assert "val/image_to_text_R@1" in result.stdout  # the final summary
