@@ -5,6 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import webdataset as wds
 
 from clip_hvt.data import synthetic
@@ -65,3 +66,85 @@ def test_make_shapes_command(tmp_path):
                           "--val-samples", "10", "--zeroshot-per-class", "1"], capture_output=True, text=True, check=True)
     assert "--data.shapes.root" in out.stdout
     assert json.loads((tmp_path / "d" / "train" / "sizes.json").read_text()) == {"shapes-train-000000.tar": 30}
+
+
+def _with(**changes):
+    return synthetic.ShapesConfig(**{**SMALL.__dict__, **changes})
+
+
+def test_directory_with_user_files_is_refused_and_kept(tmp_path):
+    root = tmp_path / "mine"
+    (root / "sub").mkdir(parents=True)
+    (root / "notes.txt").write_text("keep me")
+    (root / "sub" / "data.bin").write_bytes(b"\x00\x01")
+    with pytest.raises(FileExistsError, match="not a shapes set") as err:
+        synthetic.ensure(root, SMALL)
+    assert str(root) in str(err.value) and "empty directory" in str(err.value)
+    assert (root / "notes.txt").read_text() == "keep me" and (root / "sub" / "data.bin").read_bytes() == b"\x00\x01"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mine"]  # no temp directory left behind
+
+
+def test_user_file_added_to_a_shapes_set_is_not_deleted(tmp_path):
+    root = synthetic.generate(tmp_path / "s", SMALL)
+    (root / "results.csv").write_text("mine")
+    with pytest.raises(FileExistsError):
+        synthetic.ensure(root, _with(val_samples=30))
+    assert (root / "results.csv").read_text() == "mine" and synthetic.is_complete(root, SMALL)
+
+
+def test_a_plain_file_and_a_foreign_manifest_are_refused(tmp_path):
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(FileExistsError, match="not a directory"):
+        synthetic.generate(tmp_path / "f", SMALL)
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "manifest.json").write_text(json.dumps({"files": ["a", "b"]}))
+    with pytest.raises(FileExistsError):
+        synthetic.ensure(other, SMALL)
+    assert (tmp_path / "f").read_text() == "x" and (other / "manifest.json").is_file()
+
+
+def test_make_shapes_refuses_a_directory_with_user_files(tmp_path):
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "thesis.tex").write_text("draft")
+    out = subprocess.run([sys.executable, str(MAKE_SHAPES), str(tmp_path / "d"), "--train-samples", "30"],
+                         capture_output=True, text=True)
+    assert out.returncode != 0 and "not a shapes set" in out.stderr and "Traceback" not in out.stderr
+    assert (tmp_path / "d" / "thesis.tex").read_text() == "draft"
+
+
+def test_empty_directory_and_older_shapes_set_are_replaced(tmp_path):
+    (tmp_path / "e").mkdir()
+    assert synthetic.ensure(tmp_path / "e", SMALL) == tmp_path / "e" and synthetic.is_complete(tmp_path / "e", SMALL)
+    old = synthetic.generate(tmp_path / "s", _with(version=1, train_samples=30))  # stands for an older release
+    fresh = synthetic.generate(tmp_path / "ref", SMALL)
+    synthetic.ensure(old, SMALL)
+    assert _digest(old) == _digest(fresh)  # fully replaced: no stale shard of the old set remains
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["e", "ref", "s"]
+
+
+def test_failed_generation_leaves_the_previous_set_and_no_temp_dir(tmp_path, monkeypatch):
+    root = synthetic.generate(tmp_path / "s", SMALL)
+    before = _digest(root)
+    write_split = synthetic._write_split
+
+    def crash_on_val(out, split, samples, per_shard):
+        if split == "val":
+            raise RuntimeError("disk full")
+        write_split(out, split, samples, per_shard)
+
+    monkeypatch.setattr(synthetic, "_write_split", crash_on_val)
+    with pytest.raises(RuntimeError, match="disk full"):
+        synthetic.ensure(root, _with(val_samples=30))
+    assert _digest(root) == before and synthetic.is_complete(root, SMALL)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s"]
+
+
+def test_default_root_differs_for_every_parameter(monkeypatch, tmp_path):
+    monkeypatch.setenv("CLIP_HVT_CACHE", str(tmp_path))
+    base = synthetic.default_root(SMALL)
+    assert base.parent == tmp_path and base == synthetic.default_root(_with())  # stable
+    changed = [_with(val_samples=21), _with(zeroshot_per_class=3), _with(samples_per_shard=26), _with(seed=1),
+               _with(image_size=40), _with(train_samples=61), _with(version=1)]
+    roots = {synthetic.default_root(c) for c in changed}
+    assert len(roots) == len(changed) and base not in roots

@@ -11,9 +11,13 @@ Layout written under ``root``::
     val/shapes-val-000000.tar ...     + sizes.json
     zeroshot/shapes-zeroshot-000000.tar (jpg, cls) + sizes.json, classnames.json, templates.json
     manifest.json                     (the parameters; written last, marks the set complete)
+
+The set is written into a temporary sibling and renamed into place. Only an empty directory or an
+earlier shapes set (recognised by its manifest) is ever replaced; other files there raise an error.
 """
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import logging
@@ -158,34 +162,93 @@ def _zeroshot(rng: random.Random, per_class: int, image_size: int):
             yield {"jpg": _jpeg(img), "cls": str(label).encode()}
 
 
-def generate(root: str | os.PathLike, cfg: ShapesConfig = ShapesConfig()) -> Path:
-    """Write the shard set under ``root`` (into a temp dir, renamed when complete)."""
+LAYOUT = frozenset({"train", "val", "zeroshot", "manifest.json"})  # all that a set holds at its top level
+
+
+def is_shapes_set(root: str | os.PathLike) -> bool:
+    """True if ``root`` holds a shapes set written by this module (any version), and nothing else."""
     root = Path(root)
+    try:
+        manifest = json.loads((root / "manifest.json").read_text())
+        names = {p.name for p in root.iterdir()}
+    except (OSError, ValueError):
+        return False
+    # Every version's manifest is asdict(ShapesConfig): a dict with an integer version and seed.
+    return (isinstance(manifest, dict) and isinstance(manifest.get("version"), int)
+            and isinstance(manifest.get("seed"), int) and names <= LAYOUT)
+
+
+def _check_replaceable(root: Path) -> None:
+    """Raise unless ``root`` is absent, an empty directory or a shapes set: never delete user files."""
+    if not root.exists() and not root.is_symlink():
+        return
+    if root.is_dir() and (not any(root.iterdir()) or is_shapes_set(root)):
+        return
+    what = "holds files that are not a shapes set" if root.is_dir() else "is not a directory"
+    raise FileExistsError(
+        f"{root} {what} (a shapes set has only train/, val/, zeroshot/ and its manifest.json); refusing to "
+        "replace it so no files are lost. Pick a new or empty directory for the shapes data.")
+
+
+def generate(root: str | os.PathLike, cfg: ShapesConfig = ShapesConfig()) -> Path:
+    """Write the shard set under ``root`` (into a temp dir, renamed when complete).
+
+    ``root`` must be absent, empty or hold a shapes set (which is replaced); anything else raises
+    FileExistsError and is left untouched.
+    """
+    given = Path(root)
+    # Absolute, so the temp sibling lands next to it; through a link, replace the linked directory.
+    root = Path(os.path.realpath(given) if given.is_symlink() else os.path.abspath(given))
+    _check_replaceable(root)
     tmp = root.with_name(root.name + f".tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    # Separate streams per split: changing one split's size never changes another's samples.
-    _write_split(tmp / "train", "train", _pairs(random.Random(f"{cfg.seed}-train"), cfg.train_samples, cfg.image_size),
-                 cfg.samples_per_shard)
-    _write_split(tmp / "val", "val", _pairs(random.Random(f"{cfg.seed}-val"), cfg.val_samples, cfg.image_size),
-                 cfg.samples_per_shard)
-    _write_split(tmp / "zeroshot", "zeroshot", _zeroshot(random.Random(f"{cfg.seed}-zs"), cfg.zeroshot_per_class,
-                                                         cfg.image_size), cfg.samples_per_shard)
-    (tmp / "zeroshot" / "classnames.json").write_text(json.dumps(list(CLASSNAMES), indent=1))
-    (tmp / "zeroshot" / "templates.json").write_text(json.dumps(list(ZEROSHOT_TEMPLATES), indent=1))
-    (tmp / "manifest.json").write_text(json.dumps(asdict(cfg), indent=1))
+    try:
+        # Separate streams per split: changing one split's size never changes another's samples.
+        _write_split(tmp / "train", "train", _pairs(random.Random(f"{cfg.seed}-train"), cfg.train_samples,
+                                                    cfg.image_size), cfg.samples_per_shard)
+        _write_split(tmp / "val", "val", _pairs(random.Random(f"{cfg.seed}-val"), cfg.val_samples, cfg.image_size),
+                     cfg.samples_per_shard)
+        _write_split(tmp / "zeroshot", "zeroshot", _zeroshot(random.Random(f"{cfg.seed}-zs"), cfg.zeroshot_per_class,
+                                                             cfg.image_size), cfg.samples_per_shard)
+        (tmp / "zeroshot" / "classnames.json").write_text(json.dumps(list(CLASSNAMES), indent=1))
+        (tmp / "zeroshot" / "templates.json").write_text(json.dumps(list(ZEROSHOT_TEMPLATES), indent=1))
+        (tmp / "manifest.json").write_text(json.dumps(asdict(cfg), indent=1))
+        _check_replaceable(root)  # again: something may have been written there meanwhile
+        _replace(root, tmp, cfg)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # only left on failure: a successful run renamed it away
+    return given
+
+
+def _replace(root: Path, tmp: Path, cfg: ShapesConfig) -> None:
+    """Put the complete set ``tmp`` at ``root``; the old one is moved aside first, then removed."""
+    old = root.with_name(root.name + f".old{os.getpid()}")
     if root.exists():
-        shutil.rmtree(root)
-    tmp.rename(root)
-    return root
+        shutil.rmtree(old, ignore_errors=True)
+        root.rename(old)
+    try:
+        tmp.rename(root)
+    except OSError:
+        if not is_complete(root, cfg):  # else another process just put the same set there
+            if old.exists() and not root.exists():
+                old.rename(root)  # put the previous set back
+            raise
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def is_complete(root: str | os.PathLike, cfg: ShapesConfig) -> bool:
-    manifest = Path(root) / "manifest.json"
-    return manifest.is_file() and json.loads(manifest.read_text()) == asdict(cfg)
+    try:
+        return json.loads((Path(root) / "manifest.json").read_text()) == asdict(cfg)
+    except (OSError, ValueError):  # missing or unreadable: not complete
+        return False
 
 
 def ensure(root: str | os.PathLike, cfg: ShapesConfig = ShapesConfig()) -> Path:
-    """Generate the set under ``root`` unless a complete one with the same parameters is there."""
+    """Generate the set under ``root`` unless a complete one with the same parameters is there.
+
+    An empty directory or another shapes set there is replaced; a directory with other files raises
+    FileExistsError (see ``generate``).
+    """
     if not is_complete(root, cfg):
         log.info("generating the embedded shapes data set into %s (one time)", root)
         generate(root, cfg)
@@ -193,5 +256,8 @@ def ensure(root: str | os.PathLike, cfg: ShapesConfig = ShapesConfig()) -> Path:
 
 
 def default_root(cfg: ShapesConfig) -> Path:
+    """Cache directory for ``cfg``: distinct for every distinct config, so two never replace each other."""
     cache = Path(os.environ.get("CLIP_HVT_CACHE", Path.home() / ".cache" / "clip_hvt"))
-    return cache / f"shapes-v{cfg.version}-seed{cfg.seed}-{cfg.image_size}px-{cfg.train_samples}"
+    # Readable prefix, plus a stable hash of all fields (hashlib, not hash(): same across processes).
+    digest = hashlib.sha256(json.dumps(asdict(cfg), sort_keys=True).encode()).hexdigest()[:10]
+    return cache / f"shapes-v{cfg.version}-seed{cfg.seed}-{cfg.image_size}px-{cfg.train_samples}-{digest}"
