@@ -15,8 +15,9 @@ import pytest
 from PIL import Image
 
 from clip_hvt import train
+from clip_hvt.data import datamodule
 from clip_hvt.data.datamodule import WebDataModule
-from clip_hvt.data.decode import SKIP_REASONS
+from clip_hvt.data.decode import SKIP_REASONS, SkipCounter
 
 MODEL_CFG = {"embed_dim": 32, "vision_cfg": {"timm_model_name": "pvt_v2_b0", "image_size": 32},
              "text_cfg": {"context_length": 16, "width": 32, "heads": 2, "layers": 1}}
@@ -157,6 +158,30 @@ def test_caption_key_list_must_match_the_sources(tmp_path):
     write_tar(tmp_path / "a.tar", [("x", good("x"))])
     with pytest.raises(ValueError, match="caption_key has 3 entries for 1 sources"):
         make_dm(tmp_path / "a.tar", caption_key=["txt", "json.a", "json.b"])
+
+
+def test_val_caption_key_reads_val_shards_captioned_only_in_json(tmp_path, monkeypatch):
+    write_tar(tmp_path / "t-0.tar", [(f"t{j}", good(f"train {j}", j)) for j in range(8)])
+    (tmp_path / "sizes.json").write_text(json.dumps({"t-0.tar": 8}))
+    names = []
+    for shard, n in ((0, 5), (1, 4)):
+        entries = [(f"v{shard}_{j}", {"jpg": jpeg(j), "json": json.dumps({"caption": f"val {shard} {j}"}).encode()})
+                   for j in range(n)]
+        names += [f"val {shard} {j}" for j in range(n)]
+        write_tar(tmp_path / f"v-{shard}.tar", entries)
+    val = str(tmp_path / "v-{0..1}.tar")
+    dm = make_dm(tmp_path / "t-0.tar", val_shards=val, val_caption_key="json.caption", batch_size=4)
+    batches = list(dm.val_dataloader())
+    assert sorted(r for b in batches for r in token_rows(b["text"])) == sorted(token_rows(dm.tokenizer(names)))
+    assert skipped(batches) == {}
+    assert len(list(dm.train_dataloader())) == 2  # training still reads txt
+    # Without it the train source's txt is used: every val sample is a counted no_caption skip. No
+    # sample decodes, so no batch carries the counts: read them from the loader's counter.
+    counters = []
+    monkeypatch.setattr(datamodule, "SkipCounter", lambda: counters.append(SkipCounter()) or counters[-1])
+    dm = make_dm(tmp_path / "t-0.tar", val_shards=val, batch_size=4)
+    assert list(dm.val_dataloader()) == []
+    assert {r: n for r, n in counters[-1].total.items() if n} == {"no_caption": 9}
 
 
 # ---- img2dataset output, as img2dataset writes it (webdataset output format) ----

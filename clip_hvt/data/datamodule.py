@@ -55,6 +55,8 @@ class WebDataModule(pl.LightningDataModule):
         train_num_samples: samples per epoch; default from ``sizes.json`` / img2dataset stats.
         source_weights: sampling weight per ``::`` source (default: proportional to shard count).
         caption_key: ``txt`` or ``json.<field>``; one per source or one for all.
+        val_caption_key: caption key of the validation shards, same syntax as one ``caption_key``
+            entry; default: the first train source's.
         sample_shuffle: in-worker sample shuffle buffer.
         max_image_pixels: larger images are skipped (decompression-bomb guard).
         aug_cfg: open_clip ``AugmentationCfg`` fields for the train transform.
@@ -72,6 +74,7 @@ class WebDataModule(pl.LightningDataModule):
         train_num_samples: int | None = None,
         source_weights: Sequence[float] | None = None,
         caption_key: str | list[str] = "txt",
+        val_caption_key: str | None = None,
         sample_shuffle: int = 2000,
         max_image_pixels: int = 64_000_000,
         seed: int = 0,
@@ -88,6 +91,7 @@ class WebDataModule(pl.LightningDataModule):
         self.train_num_samples = train_num_samples
         self.source_weights = source_weights
         self.caption_key = caption_key
+        self.val_caption_key = val_caption_key
         self.sample_shuffle = sample_shuffle
         self.max_image_pixels = max_image_pixels
         self.seed = seed
@@ -123,6 +127,7 @@ class WebDataModule(pl.LightningDataModule):
         keys = [self.caption_key] if isinstance(self.caption_key, str) else list(self.caption_key)
         if len(keys) not in (1, len(self.train_sources)):
             raise ValueError(f"caption_key has {len(keys)} entries for {len(self.train_sources)} sources")
+        self._train_keys, self._val_key = keys, self.val_caption_key or keys[0]
 
     @property
     def world_size(self) -> int:
@@ -140,10 +145,10 @@ class WebDataModule(pl.LightningDataModule):
                              f"{self.world_size} rank(s); lower data.batch_size or add data")
         return per_rank
 
-    def _decoder(self, transform, counter: SkipCounter, seed: int) -> RobustDecoder:
+    def _decoder(self, transform, counter: SkipCounter, seed: int, caption_keys: str | list[str],
+                 source_of: dict[str, int] | None = None) -> RobustDecoder:
         size = max(self.image_size) if isinstance(self.image_size, (tuple, list)) else self.image_size
-        source_of = {url: i for i, urls in enumerate(self.train_sources) for url in urls}
-        return RobustDecoder(transform, counter, self.caption_key, self.max_image_pixels, draft_size=size,
+        return RobustDecoder(transform, counter, caption_keys, self.max_image_pixels, draft_size=size,
                              seed=seed, source_of=source_of)
 
     def train_dataloader(self):
@@ -158,7 +163,9 @@ class WebDataModule(pl.LightningDataModule):
             TarSamples(counter),
             wds.shuffle(self.sample_shuffle, initial=min(self.sample_shuffle, 500),
                         seed=hash((self.seed, self.rank, step))),  # else webdataset seeds from pid and time
-            self._decoder(self._train_pil, counter, seed=hash((self.seed, self.rank, step))),
+            self._decoder(self._train_pil, counter, seed=hash((self.seed, self.rank, step)),
+                          caption_keys=self._train_keys,
+                          source_of={url: i for i, urls in enumerate(self.train_sources) for url in urls}),
             wds.batched(self.batch_size, partial=False,
                         collation_fn=partial(collate, tokenizer=self.tokenizer, counter=counter)),
         ).with_epoch(math.ceil(num_batches / workers))
@@ -181,7 +188,8 @@ class WebDataModule(pl.LightningDataModule):
             wds.SimpleShardList(urls),
             ShardSplit(rank=self.rank, world_size=self.world_size),
             TarSamples(counter),
-            self._decoder(self._val_pil, counter, seed=self.seed),
+            # one key for all val shards: never looked up by URL in the train sources
+            self._decoder(self._val_pil, counter, seed=self.seed, caption_keys=self._val_key),
             wds.batched(self.val_batch_size, partial=True,
                         collation_fn=partial(collate, tokenizer=self.tokenizer, counter=counter)),
         )

@@ -71,12 +71,15 @@ def _count_file(path: str) -> dict[str, int]:
 def shard_sizes(urls: Sequence[str]) -> dict[str, int] | None:
     """Samples per shard from ``sizes.json`` or img2dataset stats files; None if unknown."""
     sizes: dict[str, int] = {}
+    tables: dict[str, dict[str, int]] = {}  # one read of each directory's sizes.json, not one per shard
     for url in urls:
         path = _local_path(url)
         directory, name = os.path.split(path)
         sizes_json = os.path.join(directory, "sizes.json")
-        if os.path.isfile(sizes_json):
-            table = _count_file(sizes_json)
+        if directory not in tables:
+            tables[directory] = _count_file(sizes_json) if os.path.isfile(sizes_json) else {}
+        table = tables[directory]
+        if table:
             if name in table:
                 sizes[url] = table[name]
                 continue
@@ -98,7 +101,8 @@ def count_samples(sources: list[list[str]]) -> int:
             raise ValueError(
                 f"no sample count for shards like '{urls[0]}': no sizes.json entry and no img2dataset "
                 "_stats.json beside it. Run `python data_scripts/check_shards.py DIR --write-sizes` "
-                "or set the sample count in the data config (train_num_samples / val_num_samples).")
+                "or set the samples per epoch in the data config (--data.train_num_samples N). "
+                "Validation shards need no count: they are read once, to the end.")
         total += sum(sizes.values())
     return total
 
