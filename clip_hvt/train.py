@@ -12,6 +12,7 @@ import warnings
 from lightning.pytorch.cli import LightningCLI
 
 from . import slurm
+from .callbacks import SkipMonitor
 from .data.datamodule import WebDataModule
 from .export import export_module
 from .module import CLIPModule
@@ -58,15 +59,24 @@ for _message in (r"\.with_length\(\) only sets the value of __len__",  # we set 
     warnings.filterwarnings("ignore", message=_message)
 
 
-def main(args: list[str] | None = None) -> dict:
+def build(args: list[str] | None = None) -> CLI:
+    """Parse the config and build trainer, model and data module; bad input exits with one message."""
     try:
         cli = CLI(CLIPModule, WebDataModule, run=False, args=args, seed_everything_default=0,
                   save_config_kwargs={"overwrite": True}, auto_configure_optimizers=False)
         slurm.check_trainer(cli.trainer)  # tasks vs devices, nodes vs num_nodes: fail before any rank waits
-        if not any(isinstance(c, slurm.RequeueOnSignal) for c in cli.trainer.callbacks):
-            cli.trainer.callbacks.append(slurm.RequeueOnSignal())  # replaces Lightning's unsafe SIGUSR1 save
     except (ValueError, FileNotFoundError) as err:  # bad model name, shard pattern, ...: no traceback
         sys.exit(f"clip_hvt.train: error: {err}")
+    # Always on, whatever the config lists: skipped samples counted and a broken data set stopped;
+    # the pre-timeout signal handled safely (Lightning's own SIGUSR1 save can deadlock DDP).
+    for required in (SkipMonitor, slurm.RequeueOnSignal):
+        if not any(isinstance(c, required) for c in cli.trainer.callbacks):
+            cli.trainer.callbacks.append(required())
+    return cli
+
+
+def main(args: list[str] | None = None) -> dict:
+    cli = build(args)
     trainer, model, data = cli.trainer, cli.model, cli.datamodule
     trainer.fit(model, datamodule=data, ckpt_path=cli.config.ckpt_path)
     metrics = {}

@@ -109,3 +109,16 @@ def test_print_config_shows_linked_model_cfg(tiny_config, in_tmp, capsys):
     assert exc.value.code == 0
     out = capsys.readouterr().out
     assert "timm_model_name: pvt_v2_b0" in out and "class_path: clip_hvt.callbacks.ZeroShotEvaluation" in out
+
+
+def test_skip_monitor_and_requeue_handler_are_added_when_the_config_lists_no_callbacks(tiny_config, tmp_path):
+    from clip_hvt.callbacks import SkipMonitor
+    from clip_hvt.slurm import RequeueOnSignal
+
+    cli = train.build(["--config", tiny_config, "--data.shapes.root", str(tmp_path / "shapes"),
+                       "--trainer.callbacks", "[]"])
+    assert sum(isinstance(c, SkipMonitor) for c in cli.trainer.callbacks) == 1
+    assert sum(isinstance(c, RequeueOnSignal) for c in cli.trainer.callbacks) == 1
+    listed = train.build(["--config", tiny_config, "--data.shapes.root", str(tmp_path / "shapes")])
+    monitors = [c for c in listed.trainer.callbacks if isinstance(c, SkipMonitor)]
+    assert len(monitors) == 1 and monitors[0].log_every_n_steps == 1  # the config's own, not a second one
