@@ -145,12 +145,28 @@ def _run(*cmd, env, timeout=60, check=True, cwd=None) -> str:
     return result.stdout
 
 
+def _unavailable(reason: str):
+    """Skip, or fail where CI demands the real-SLURM tests (CLIP_HVT_REQUIRE_SLURM=1, set by .ci/run)."""
+    if os.environ.get("CLIP_HVT_REQUIRE_SLURM") == "1":
+        pytest.fail(f"CLIP_HVT_REQUIRE_SLURM=1 but the SLURM tests cannot run: {reason}")
+    pytest.skip(reason)
+
+
+def test_ci_turns_an_unavailable_slurm_into_a_failure(monkeypatch):
+    monkeypatch.setenv("CLIP_HVT_REQUIRE_SLURM", "1")
+    with pytest.raises(pytest.fail.Exception, match="cannot run: no root"):
+        _unavailable("no root")
+    monkeypatch.delenv("CLIP_HVT_REQUIRE_SLURM")
+    with pytest.raises(pytest.skip.Exception, match="no root"):
+        _unavailable("no root")
+
+
 @pytest.fixture(scope="module")
 def slurm_env(tmp_path_factory):
     if os.geteuid() != 0:
-        pytest.skip("starting slurmctld/slurmd/munged for the test needs root")
+        _unavailable("starting slurmctld/slurmd/munged for the test needs root")
     if shutil.which("slurmctld") is None and shutil.which("apt-get") is None:
-        pytest.skip("SLURM is not installed and apt-get is not available to install it")
+        _unavailable("SLURM is not installed and apt-get is not available to install it")
     directory = tmp_path_factory.mktemp("slurm")
     env = {**os.environ, "SLURM_CONF": str(directory / "slurm.conf")}
     env = {k: v for k, v in env.items() if not k.startswith("SLURM_") or k == "SLURM_CONF"}
@@ -158,7 +174,7 @@ def slurm_env(tmp_path_factory):
         install = subprocess.run(["bash", str(CLUSTER), "install", str(directory)], capture_output=True,
                                  text=True, timeout=300)
         if install.returncode:
-            pytest.skip(f"could not install SLURM with apt-get: {install.stderr[-500:]}")
+            _unavailable(f"could not install SLURM with apt-get: {install.stderr[-500:]}")
         _run("bash", str(CLUSTER), "start", str(directory), env=env, timeout=120)
         yield env
     finally:
