@@ -11,6 +11,7 @@ from pathlib import Path
 
 import lightning.pytorch as pl
 import pytest
+import torch
 import webdataset as wds
 
 from clip_hvt.data import synthetic
@@ -117,3 +118,34 @@ def test_validation_with_uneven_shares_of_the_val_shards_neither_hangs_nor_drops
     assert len(rows) == 2  # the validation inside fit and the final one
     assert all(float(r["val_data/samples"]) == 90 for r in rows)  # every row, from both ranks' shares
     assert "val/image_to_text_R@1" in result.stdout  # the final summary
+
+
+class GradRecorder(pl.Callback):
+    """Test-only: each rank saves the gradients the optimizer is about to apply at the first step."""
+
+    def __init__(self, out_dir: str):
+        self.out_dir = out_dir
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        if trainer.global_step == 0:
+            grads = {n: p.grad.clone() for n, p in pl_module.named_parameters() if p.grad is not None}
+            torch.save(grads, Path(self.out_dir, f"grads{trainer.global_rank}.pt"))
+
+
+def test_gradcache_under_two_rank_ddp_applies_the_same_gradients_as_plain_ddp(shards, tmp_path):
+    # The module's GradCache path turns DDP's own sync off and all-reduces the gradients itself.
+    for name, extra in (("plain", ()), ("gradcache", ("--model.micro_batch_size", "3"))):
+        out = tmp_path / name
+        out.mkdir()
+        result = run_cli(out, "--data.shapes", "null", "--data.train_shards", shards, "--trainer.max_steps", "1",
+                         *extra, callback_arg(GradRecorder, out_dir=str(out)))
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    for rank in (0, 1):
+        plain = torch.load(tmp_path / "plain" / f"grads{rank}.pt", weights_only=True)
+        cached = torch.load(tmp_path / "gradcache" / f"grads{rank}.pt", weights_only=True)
+        assert plain.keys() == cached.keys() and len(plain) > 100
+        for name in plain:
+            torch.testing.assert_close(cached[name], plain[name], atol=1e-5, rtol=1e-4, msg=name)
+    # and the ranks agree: the gradients were averaged over both
+    ranks = [torch.load(tmp_path / "gradcache" / f"grads{r}.pt", weights_only=True) for r in (0, 1)]
+    assert all(torch.equal(ranks[0][n], ranks[1][n]) for n in ranks[0])
