@@ -19,14 +19,25 @@ CONFIG_NAME = "open_clip_config.json"
 WEIGHTS_NAME = "open_clip_model.safetensors"
 
 
-def export_model(model: torch.nn.Module, model_cfg: dict, out_dir: str | Path) -> Path:
+def export_state_dict(state: dict[str, torch.Tensor], model_cfg: dict, out_dir: str | Path) -> Path:
+    """Write an open_clip model's state dict and config as an open_clip local-dir."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     config = {"model_cfg": model_cfg, "preprocess_cfg": factory.preprocess_cfg(model_cfg)}
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    state = {k: v.detach().cpu().contiguous() for k, v in state.items()}
     save_file(state, str(out / WEIGHTS_NAME), metadata={"format": "pt"})
     (out / CONFIG_NAME).write_text(json.dumps(config, indent=2))
     return out
+
+
+def export_model(model: torch.nn.Module, model_cfg: dict, out_dir: str | Path) -> Path:
+    return export_state_dict(model.state_dict(), model_cfg, out_dir)
+
+
+def open_clip_state(lightning_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The open_clip model's entries of a ``CLIPModule`` state dict (``model.`` prefix removed)."""
+    prefix = "model."
+    return {k[len(prefix):]: v for k, v in lightning_state.items() if k.startswith(prefix)}
 
 
 def export_module(module, out_dir: str | Path) -> Path:
@@ -34,14 +45,21 @@ def export_module(module, out_dir: str | Path) -> Path:
     return export_model(module.model, module.hparams.model_cfg, out_dir)
 
 
+def export_from_trainer(trainer, module, out_dir: str | Path) -> Path | None:
+    """Export after ``fit`` from any strategy: the state dict is collected through the strategy on
+    every rank (a collective for sharded strategies such as FSDP), and rank 0 writes it."""
+    state = trainer.strategy.lightning_module_state_dict()
+    out = export_state_dict(open_clip_state(state), module.hparams.model_cfg, out_dir) if trainer.is_global_zero else None
+    trainer.strategy.barrier()
+    return out
+
+
 def model_from_checkpoint(ckpt_path: str | Path) -> tuple[torch.nn.Module, dict]:
     """The open_clip model and its config from a Lightning checkpoint (``weights_only`` load)."""
     ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
     model_cfg = ckpt["hyper_parameters"]["model_cfg"]
     model = factory.create_model(model_cfg)
-    prefix = "model."
-    state = {k[len(prefix):]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)}
-    model.load_state_dict(state, strict=True)
+    model.load_state_dict(open_clip_state(ckpt["state_dict"]), strict=True)
     return model, model_cfg
 
 

@@ -14,7 +14,7 @@ from lightning.pytorch.cli import LightningCLI
 from . import slurm
 from .callbacks import SkipMonitor
 from .data.datamodule import WebDataModule
-from .export import export_module
+from .export import export_from_trainer
 from .module import CLIPModule
 
 
@@ -84,9 +84,7 @@ def main(args: list[str] | None = None) -> dict:
         results = trainer.validate(model, datamodule=data, verbose=False)
         metrics = results[0] if results else {}
     if cli.config.export_dir:
-        if trainer.is_global_zero:
-            export_module(model, cli.config.export_dir)
-        trainer.strategy.barrier()
+        export_from_trainer(trainer, model, cli.config.export_dir)
     if trainer.is_global_zero:
         print(_summary(metrics, cli.config.export_dir), flush=True)
     return metrics

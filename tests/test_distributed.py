@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import lightning.pytorch as pl
+import open_clip
 import pytest
 import torch
 import webdataset as wds
@@ -111,13 +112,20 @@ def test_validation_with_uneven_shares_of_the_val_shards_neither_hangs_nor_drops
     only = shards.replace("{000000..000004}", "000003")  # 90 samples
     result = run_cli(tmp_path, "--data.shapes", "null", "--data.train_shards", shards, "--data.val_shards", only,
                      "--trainer.max_steps", "4", "--trainer.val_check_interval", "4", "--final_validation", "true",
-                     "--trainer.strategy.init_args.timeout", "0:00:45")
+                     "--trainer.strategy.init_args.timeout", "0:00:45", "--export_dir", str(tmp_path / "export"))
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     with open(tmp_path / "runs" / "cpu_ddp" / "lightning_logs" / "version_0" / "metrics.csv") as f:
         rows = [r for r in csv.DictReader(f) if r.get("val/image_to_text_R@1")]
     assert len(rows) == 2  # the validation inside fit and the final one
     assert all(float(r["val_data/samples"]) == 90 for r in rows)  # every row, from both ranks' shares
     assert "val/image_to_text_R@1" in result.stdout  # the final summary
+    # exported from the DDP run (state dict collected through the strategy), loadable with strict keys
+    final = torch.load(tmp_path / "runs" / "cpu_ddp" / "checkpoints" / "last.ckpt", weights_only=True)
+    model, _, _ = open_clip.create_model_and_transforms(f"local-dir:{tmp_path / 'export'}")
+    exported = model.state_dict()
+    assert exported.keys() == {k.removeprefix("model.") for k in final["state_dict"] if k.startswith("model.")}
+    assert all(torch.equal(exported[k.removeprefix("model.")], v) for k, v in final["state_dict"].items()
+               if k.startswith("model."))
 
 
 class GradRecorder(pl.Callback):
