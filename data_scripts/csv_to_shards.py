@@ -1,6 +1,8 @@
 #!/usr/bin/env python
 """CSV / TSV / parquet table (image path + caption columns) -> WebDataset shards.
 
+The table is streamed in chunks of rows, so it may be far larger than memory.
+
     python data_scripts/csv_to_shards.py captions.tsv shards/ --image-col filepath --caption-col title \
         --image-root /data/images --val-fraction 0.01 --workers 16
 """

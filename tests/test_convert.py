@@ -3,6 +3,7 @@ import csv
 import importlib.util
 import io
 import json
+import operator
 import random
 import subprocess
 import sys
@@ -14,7 +15,8 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from clip_hvt.data.convert import WriteOptions, read_table, resized_size, write_shards
+import clip_hvt.data.convert as convert
+from clip_hvt.data.convert import SourceSample, WriteOptions, read_table, resized_size, write_shards
 
 REPO = Path(__file__).resolve().parents[1]
 SIZES = [(64, 96), (96, 64), (80, 80), (72, 90), (90, 66)]  # (w, h)
@@ -302,3 +304,105 @@ def test_exif_orientation_is_applied_before_resizing(tmp_path):
     meta = json.loads(sample['json'])
     assert decoded(sample).size == (72, 48)
     assert (meta['original_width'], meta['original_height'], meta['width'], meta['height']) == (96, 64, 72, 48)
+
+
+def written_files(out):
+    """{relative path: bytes} of everything under `out`, stats.json without its directories."""
+    files = {}
+    for path in sorted(p for p in Path(out).rglob('*') if p.is_file()):
+        data = path.read_bytes()
+        if path.name == 'stats.json':
+            stats = json.loads(data)
+            for split in stats['splits'].values():
+                split['directory'] = Path(split['directory']).relative_to(out).as_posix()
+            data = json.dumps(stats).encode()
+        files[path.relative_to(out).as_posix()] = data
+    return files
+
+
+@pytest.mark.parametrize('suffix', ['.csv', '.tsv', '.parquet'])
+def test_table_read_in_small_chunks_writes_the_same_shards(tmp_path, monkeypatch, suffix):
+    rows = captioned_images(tmp_path, 17)
+    rows[2] = (rows[2][0], '  ')  # empty caption
+    rows[9:9] = [(f'img/missing{i}.png', f'missing {i}') for i in range(7)]
+    table = tmp_path / f't{suffix}'
+    write_table(table, rows)
+    opts = WriteOptions(resize=32, maxcount=4, val_fraction=0.3)
+    whole = write_shards(read_table(table), tmp_path / 'whole', opts)
+    assert whole['written'] == 16 and whole['skipped'] == 8
+
+    chunks = []
+    table_chunks = convert._table_chunks
+
+    def spy(*args):
+        for chunk in table_chunks(*args):
+            chunks.append({len(values) for values in chunk.values()})
+            yield chunk
+    monkeypatch.setattr(convert, 'TABLE_CHUNK_ROWS', 3)
+    monkeypatch.setattr(convert, '_table_chunks', spy)
+    chunked = write_shards(read_table(table), tmp_path / 'chunked', opts)
+    assert chunks and all(len(sizes) == 1 and sizes.pop() <= 3 for sizes in chunks)
+    assert len(chunks) >= len(rows) // 3
+    assert written_files(tmp_path / 'chunked') == written_files(tmp_path / 'whole')
+    assert chunked['skip_reasons'] == whole['skip_reasons']
+    # the progress bar's total: parquet has its row count in the metadata, a CSV must be read to count
+    assert operator.length_hint(read_table(table), -1) == (len(rows) if suffix == '.parquet' else -1)
+
+
+def test_write_shards_reads_samples_only_as_chunks_are_written(tmp_path, monkeypatch):
+    read = []
+
+    def samples():  # missing images: each is skipped without decoding anything
+        for i in range(20):
+            read.append(i)
+            yield SourceSample(key=f'{i:09d}', image=str(tmp_path / f'{i}.png'), split_id=str(i), captions=('c',))
+
+    read_at_chunk = []
+    write_chunk = convert._write_chunk
+
+    def spy(task):
+        read_at_chunk.append(len(read))
+        return write_chunk(task)
+    monkeypatch.setattr(convert, '_write_chunk', spy)
+    stats = write_shards(samples(), tmp_path / 'out', WriteOptions(maxcount=3, workers=1))
+    assert stats['skip_reasons']['missing image']['count'] == 20
+    assert read_at_chunk == [3, 6, 9, 12, 15, 18, 20]
+
+
+def test_pool_is_fed_a_bounded_number_of_tasks_ahead(tmp_path):
+    opts = WriteOptions(maxcount=2, workers=2)
+    handed_out = []
+
+    def tasks():
+        for chunk in range(20):
+            handed_out.append(chunk)
+            samples = [SourceSample(key=f'{chunk:06d}{i}', image=str(tmp_path / f'{chunk}-{i}.png'), split_id='x',
+                                    captions=('c',)) for i in range(opts.maxcount)]
+            yield chunk, str(tmp_path), samples, opts
+
+    ahead = convert.TASKS_AHEAD_PER_WORKER * opts.workers
+    results = []
+    for result in convert._run_chunks(tasks(), None, opts.workers):
+        results.append(result)
+        # the result waited for, and at most `ahead` tasks behind it
+        assert len(handed_out) <= len(results) + ahead
+    assert [r['chunk'] for r in results] == list(range(20))
+    assert all(r['skipped']['missing image']['count'] == 2 for r in results)
+
+
+def test_malformed_row_mid_stream_leaves_no_partial_shards(tmp_path, monkeypatch, capsys):
+    rows = captioned_images(tmp_path, 8)
+    table = tmp_path / 't.csv'
+    write_table(table, rows)
+    table.write_text(table.read_text() + 'img/x.png,"unterminated caption\n')
+    monkeypatch.setattr(convert, 'TABLE_CHUNK_ROWS', 3)  # the bad row comes after shards were written
+    out = tmp_path / 'out'
+    with pytest.raises(pd.errors.ParserError, match='EOF inside string'):
+        write_shards(read_table(table), out, WriteOptions(resize=0, maxcount=2, val_fraction=0.3))
+    assert not [p for p in out.rglob('*') if p.is_file() or p.name.startswith('.partial')]
+    with pytest.raises(SystemExit) as exit_info:
+        load_script('csv_to_shards').main([str(table), str(out), '--maxcount', '2', '--workers', '2'])
+    assert exit_info.value.code == 2 and 'EOF inside string' in capsys.readouterr().err
+    assert not [p for p in out.rglob('*') if p.is_file() or p.name.startswith('.partial')]
+    write_table(table, rows)  # fixed: no --overwrite needed
+    assert write_shards(read_table(table), out, WriteOptions(resize=0, maxcount=2))['written'] == 8

@@ -3,8 +3,14 @@
 Data path: a source reader (`read_table`, `read_folder`, `read_coco`) lists `SourceSample`s
 without touching images; `write_shards` splits them into train/val by a hash of each sample's
 image identity, cuts each split into chunks of `maxcount` samples and lets worker processes
-decode, resize, re-encode and write one chunk each with webdataset's `ShardWriter`. Chunks are
-fixed before any worker starts, so shard names and contents do not depend on `--workers`.
+decode, resize, re-encode and write one chunk each with webdataset's `ShardWriter`. Chunks
+depend only on the order of the samples, so shard names and contents do not depend on
+`--workers`.
+
+Memory stays bounded whatever the size of the source: `read_table` streams the table in chunks
+of `TABLE_CHUNK_ROWS` rows, and `write_shards` cuts chunks while it reads the samples and hands
+at most two per worker ahead to the pool. The folder and COCO readers list their samples in
+memory (a sorted directory walk, a JSON document), which they need anyway.
 
 Output layout (`OUTPUT` is the directory given on the command line):
     val_fraction == 0:  OUTPUT/shard-000000.tar ... OUTPUT/sizes.json
@@ -20,16 +26,18 @@ first, so a reader may pick one caption per epoch at load time.
 import argparse
 import hashlib
 import io
+import itertools
 import json
 import multiprocessing
+import operator
 import os
 import shutil
 import warnings
-from collections import defaultdict
-from contextlib import contextmanager
+from collections import defaultdict, deque
+from contextlib import closing, contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Optional, Sequence
+from typing import Callable, Iterable, Iterator, Optional, Sequence
 
 import pandas as pd
 import webdataset as wds
@@ -37,8 +45,8 @@ from PIL import ExifTags, Image, ImageFile, ImageOps
 from tqdm import tqdm
 
 __all__ = [
-    'SourceSample', 'WriteOptions', 'SkipSample', 'SkipLog', 'read_table', 'read_folder', 'read_coco',
-    'write_shards', 'decode_image', 'add_writer_args', 'writer_options', 'print_stats',
+    'SourceSample', 'WriteOptions', 'SkipSample', 'SkipLog', 'TableSamples', 'read_table', 'read_folder',
+    'read_coco', 'write_shards', 'decode_image', 'add_writer_args', 'writer_options', 'print_stats',
 ]
 
 IMAGE_SUFFIXES = ('.jpg', '.jpeg', '.png', '.webp', '.bmp', '.gif', '.tif', '.tiff')
@@ -46,6 +54,8 @@ TABLE_FORMATS = {'.csv': 'csv', '.tsv': 'tsv', '.tab': 'tsv', '.parquet': 'parqu
 SIZES_FILE = 'sizes.json'
 STATS_FILE = 'stats.json'
 MAX_EXAMPLES = 5
+TABLE_CHUNK_ROWS = 65_536  # rows of a table read at a time
+TASKS_AHEAD_PER_WORKER = 2  # chunks handed to the pool ahead of the one waited for, per worker
 # a fixed member mtime makes a rerun with the same inputs produce byte-identical shards
 _TAR_MTIME = 1_700_000_000.0
 
@@ -158,14 +168,61 @@ def _cell(value) -> str:
     return str(value)
 
 
+def _table_chunks(path: Path, fmt: str, columns: list) -> Iterator[dict]:
+    """The table as {column: values} of at most `TABLE_CHUNK_ROWS` rows each, in row order."""
+    if fmt == 'parquet':
+        import pyarrow.parquet as pq
+        with pq.ParquetFile(path) as table:
+            # arrow values, not pandas': a pandas batch turns ints into floats only if it has a null
+            for batch in table.iter_batches(batch_size=TABLE_CHUNK_ROWS, columns=columns):
+                yield {col: batch.column(col).to_pylist() for col in columns}
+        return
+    with _read_delimited(path, fmt, usecols=columns, chunksize=TABLE_CHUNK_ROWS) as reader:
+        for df in reader:
+            yield {col: df[col].tolist() for col in columns}
+
+
+class TableSamples:
+    """The samples of a table (see `read_table`), read anew in chunks on each iteration, so
+    that only one chunk of rows is in memory. `operator.length_hint` gives the row count for
+    parquet (from its metadata); a CSV/TSV would have to be read through to count it."""
+
+    def __init__(self, path: Path, fmt: str, image_col: str, caption_col: str, root: Path,
+                 rows: Optional[int] = None):
+        self.path, self.fmt, self.root, self.rows = path, fmt, root, rows
+        self.image_col, self.caption_col = image_col, caption_col
+
+    def __iter__(self) -> Iterator[SourceSample]:
+        row = 0
+        columns = list(dict.fromkeys((self.image_col, self.caption_col)))
+        for chunk in _table_chunks(self.path, self.fmt, columns):
+            for image, caption in zip(chunk[self.image_col], chunk[self.caption_col]):
+                image = _cell(image).strip()
+                image_path = Path(image)
+                if not image_path.is_absolute():
+                    image_path = self.root / image_path
+                yield SourceSample(
+                    key=f'{row:09d}',
+                    image=str(image_path) if image else '',
+                    split_id=image,
+                    captions=(_cell(caption),),
+                    meta={'row': row},
+                )
+                row += 1
+
+    def __length_hint__(self):
+        return NotImplemented if self.rows is None else self.rows
+
+
 def read_table(
         path,
         image_col: str = 'image',
         caption_col: str = 'caption',
         image_root=None,
-) -> list:
+) -> TableSamples:
     """Samples from a CSV/TSV/parquet table; relative image paths resolve against `image_root`
-    (default: the table's directory). The split identity is the path as written in the table."""
+    (default: the table's directory). The split identity is the path as written in the table.
+    Checks the file and its columns at once; rows are read, in chunks, only while iterating."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f'table not found: {path}')
@@ -175,24 +232,12 @@ def read_table(
         if col not in columns:
             raise ValueError(f'{path}: column {col!r} ({flag}) does not exist; columns are: '
                              f'{", ".join(map(repr, columns))}')
-    usecols = list(dict.fromkeys((image_col, caption_col)))
+    rows = None
     if fmt == 'parquet':
-        df = pd.read_parquet(path, columns=usecols)
-    else:
-        df = _read_delimited(path, fmt, usecols=usecols)
+        import pyarrow.parquet as pq
+        rows = pq.read_metadata(path).num_rows
     root = Path(image_root) if image_root is not None else path.parent
-    samples = []
-    for row, (image, caption) in enumerate(zip(df[image_col].tolist(), df[caption_col].tolist())):
-        image = _cell(image).strip()
-        image_path = Path(image)
-        samples.append(SourceSample(
-            key=f'{row:09d}',
-            image=str(image_path if image_path.is_absolute() else root / image_path) if image else '',
-            split_id=image,
-            captions=(_cell(caption),),
-            meta={'row': row},
-        ))
-    return samples
+    return TableSamples(path, fmt, image_col, caption_col, root, rows)
 
 
 def read_folder(folder, suffixes: Sequence[str] = IMAGE_SUFFIXES) -> list:
@@ -397,7 +442,8 @@ def _init_worker(counter):
 
 def _write_chunk(task) -> dict:
     """Write one chunk of samples to `<tmpdir>/<chunk>-NNNN.tar` (usually one shard; more when
-    maxsize cuts it). Returns the shards with their counts and the skip log, plain data only."""
+    maxsize cuts it). Returns the tmpdir, the shards with their counts and the skip log, plain
+    data only."""
     chunk, tmpdir, samples, opts = task
     log, shards, writer = SkipLog(), {}, None
     with pil_limits(opts.max_pixels):
@@ -416,7 +462,7 @@ def _write_chunk(task) -> dict:
             _tick()
     if writer is not None:
         writer.close()
-    return {'chunk': chunk, 'shards': list(shards.items()), 'skipped': log.to_dict()}
+    return {'chunk': chunk, 'tmpdir': tmpdir, 'shards': list(shards.items()), 'skipped': log.to_dict()}
 
 
 def split_of(split_id: str, val_fraction: float) -> str:
@@ -447,26 +493,59 @@ def _prepare_output(output: Path, overwrite: bool):
     output.mkdir(parents=True, exist_ok=True)
 
 
-def _run_chunks(tasks: list, total: int, workers: int) -> list:
-    """Results of `_write_chunk` in task order, with a per-image progress bar."""
+def _chunk_tasks(samples: Iterable, tmpdirs: dict, opts: WriteOptions) -> Iterator[tuple]:
+    """`_write_chunk` tasks cut while `samples` is read: each split's samples in order,
+    `maxcount` per chunk, each split's shorter last chunk once `samples` is exhausted. Holds one
+    unfinished chunk per split, whatever the number of samples."""
+    chunks = itertools.count()
+    pending = {name: [] for name in tmpdirs}
+    for sample in samples:
+        name = split_of(sample.split_id, opts.val_fraction) if opts.val_fraction else 'shard'
+        pending[name].append(sample)
+        if len(pending[name]) == opts.maxcount:
+            yield next(chunks), str(tmpdirs[name]), pending[name], opts
+            pending[name] = []
+    for name, rest in pending.items():
+        if rest:
+            yield next(chunks), str(tmpdirs[name]), rest, opts
+
+
+def _run_chunks(tasks: Iterable, total: Optional[int], workers: int) -> Iterator[dict]:
+    """Results of `_write_chunk` in task order, with a per-image progress bar. `tasks` is read
+    lazily: the pool gets at most TASKS_AHEAD_PER_WORKER tasks per worker ahead of the result
+    waited for (Pool.imap would drain the whole iterator into its queue)."""
     global _tick
-    if workers == 1 or len(tasks) <= 1:
+    tasks = iter(tasks)
+    # a look at the first tasks: fewer than two need no pool, fewer than `workers` fewer processes
+    head = list(itertools.islice(tasks, workers)) if workers > 1 else []
+    tasks = itertools.chain(head, tasks)
+    if workers == 1 or len(head) <= 1:
         with tqdm(total=total, unit='img', desc='writing shards') as bar:
             _tick = bar.update
             try:
-                return [_write_chunk(task) for task in tasks]
+                for task in tasks:
+                    yield _write_chunk(task)
             finally:
                 _tick = lambda: None
+        return
     counter = multiprocessing.Value('q', 0)
     # the pool forks before tqdm starts its monitor thread: forking a threaded process can deadlock
-    with multiprocessing.Pool(min(workers, len(tasks)), initializer=_init_worker, initargs=(counter,)) as pool:
-        pending = pool.map_async(_write_chunk, tasks, chunksize=1)
+    with multiprocessing.Pool(len(head), initializer=_init_worker, initargs=(counter,)) as pool:
         with tqdm(total=total, unit='img', desc='writing shards') as bar:
-            while not pending.ready():
-                pending.wait(0.5)
+            def result_of(pending):
+                while not pending.ready():
+                    pending.wait(0.5)
+                    bar.update(counter.value - bar.n)
                 bar.update(counter.value - bar.n)
-            bar.update(counter.value - bar.n)
-        return pending.get()
+                return pending.get()
+
+            in_flight = deque()
+            for task in tasks:
+                in_flight.append(pool.apply_async(_write_chunk, (task,)))
+                if len(in_flight) > TASKS_AHEAD_PER_WORKER * len(head):
+                    yield result_of(in_flight.popleft())
+            while in_flight:
+                yield result_of(in_flight.popleft())
 
 
 def write_shards(
@@ -476,42 +555,48 @@ def write_shards(
         source_problems: Optional[SkipLog] = None,
         source: str = '',
 ) -> dict:
-    """Write `samples` as WebDataset shards under `output`; returns (and writes) stats.json."""
+    """Write `samples` as WebDataset shards under `output`; returns (and writes) stats.json.
+    `samples` is read once, while shards are written; the progress bar's total is its
+    `operator.length_hint` (none for a plain iterator)."""
     opts.validate()
     output = Path(output)
     _prepare_output(output, opts.overwrite)
     split_dirs = _split_dirs(output, opts.val_fraction)
-    by_split = defaultdict(list)
-    for sample in samples:
-        name = split_of(sample.split_id, opts.val_fraction) if opts.val_fraction else 'shard'
-        by_split[name].append(sample)
-
-    tasks, tmpdirs = [], {}
+    tmpdirs = {}
     for name, directory in split_dirs.items():
         directory.mkdir(parents=True, exist_ok=True)
         tmpdirs[name] = output / f'.partial-{name}'
         tmpdirs[name].mkdir()
-        split_samples = by_split[name]
-        for start in range(0, len(split_samples), opts.maxcount):
-            tasks.append((len(tasks), str(tmpdirs[name]), split_samples[start:start + opts.maxcount], opts))
-    total = sum(len(v) for v in by_split.values())
-    results = _run_chunks(tasks, total, opts.workers)
+    split_of_tmpdir = {str(tmpdir): name for name, tmpdir in tmpdirs.items()}
+    total = operator.length_hint(samples, -1)
+
+    # per split in task order: the shards written, and skips merged as they were in one list of tasks
+    shards, logs = {name: [] for name in split_dirs}, {name: SkipLog() for name in split_dirs}
+    try:
+        tasks = _chunk_tasks(samples, tmpdirs, opts)
+        with closing(_run_chunks(tasks, total if total >= 0 else None, opts.workers)) as results:
+            for result in results:
+                name = split_of_tmpdir[result['tmpdir']]
+                shards[name].extend(result['shards'])
+                logs[name].merge(result['skipped'])
+    except BaseException:
+        # the source may fail half-way (a malformed CSV row): leave no partial shards behind
+        for tmpdir in tmpdirs.values():
+            shutil.rmtree(tmpdir, ignore_errors=True)
+        raise
 
     log, splits = SkipLog(), {}
     for name, directory in split_dirs.items():
         sizes = {}
-        for result in results:
-            for tmp_name, count in result['shards']:
-                if Path(tmp_name).parent == tmpdirs[name]:
-                    final = f'{name}-{len(sizes):06d}.tar'
-                    os.replace(tmp_name, directory / final)
-                    sizes[final] = count
+        for tmp_name, count in shards[name]:
+            final = f'{name}-{len(sizes):06d}.tar'
+            os.replace(tmp_name, directory / final)
+            sizes[final] = count
         tmpdirs[name].rmdir()
         with open(directory / SIZES_FILE, 'w') as f:
             json.dump(sizes, f, indent=1)
         splits[name] = {'directory': str(directory), 'samples': sum(sizes.values()), 'shards': len(sizes)}
-    for result in results:
-        log.merge(result['skipped'])
+        log.merge(logs[name].to_dict())
 
     stats = {
         'source': source,
