@@ -49,9 +49,10 @@ class SkipSample(Exception):
 class SkipCounter:
     """Per-worker skip counts; ``take()`` hands over what was counted since the last call."""
 
-    def __init__(self, log_first: int = 5):
-        self.total = dict.fromkeys(SKIP_REASONS, 0)
-        self._pending = dict.fromkeys(SKIP_REASONS, 0)
+    def __init__(self, log_first: int = 5, reasons: tuple[str, ...] = SKIP_REASONS):
+        self.reasons = reasons
+        self.total = dict.fromkeys(reasons, 0)
+        self._pending = dict.fromkeys(reasons, 0)
         self.log_first = log_first
 
     def add(self, reason: str, where: str) -> None:
@@ -62,8 +63,8 @@ class SkipCounter:
             log.warning("skipped sample %s: %s (%d so far for this reason in this worker)", where, reason, n)
 
     def take(self) -> torch.Tensor:
-        counts = torch.tensor([self._pending[r] for r in SKIP_REASONS], dtype=torch.long)
-        self._pending = dict.fromkeys(SKIP_REASONS, 0)
+        counts = torch.tensor([self._pending[r] for r in self.reasons], dtype=torch.long)
+        self._pending = dict.fromkeys(self.reasons, 0)
         return counts
 
 
@@ -144,7 +145,8 @@ def _caption(sample: dict, key: str, rng: random.Random) -> str:
     return text
 
 
-def _image(sample: dict, max_pixels: int, draft_size: int | None) -> Image.Image:
+def decode_image(sample: dict, max_pixels: int, draft_size: int | None) -> Image.Image:
+    """The sample's image as RGB; ``SkipSample`` when it is missing, too large or undecodable."""
     key = next((k for k in IMAGE_KEYS if k in sample), None)
     if key is None:
         raise SkipSample("no_image")
@@ -187,7 +189,7 @@ class RobustDecoder:
             raise SkipSample("pickle_member")
         key = self.caption_keys[self.source_of.get(sample.get("__url__"), 0) if len(self.caption_keys) > 1 else 0]
         caption = _caption(sample, key, self.rng)
-        image = _image(sample, self.max_image_pixels, self.draft_size)
+        image = decode_image(sample, self.max_image_pixels, self.draft_size)
         return self.transform(image), caption
 
     def __call__(self, samples: Iterator[dict]) -> Iterator[tuple[torch.Tensor, str]]:

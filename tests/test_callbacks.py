@@ -1,0 +1,288 @@
+"""ZeroShotEvaluation: streamed per rank, same numbers as open_clip's classifier applied directly,
+broken zero-shot shards skipped and counted, no image kept between evaluations."""
+import io
+import json
+import pickle
+import tarfile
+from pathlib import Path
+from types import SimpleNamespace
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from open_clip.zero_shot_classifier import build_zero_shot_classifier
+from PIL import Image
+
+from clip_hvt.callbacks import ZEROSHOT_SKIP_REASONS, ZeroShotEvaluation
+from clip_hvt.data.datamodule import Shapes, WebDataModule
+from clip_hvt.module import CLIPModule
+
+TINY_CFG = {
+    "embed_dim": 16,
+    "vision_cfg": {"timm_model_name": "pvt_v2_b0", "image_size": 32},
+    "text_cfg": {"context_length": 16, "width": 32, "heads": 2, "layers": 1},
+}
+CLASSNAMES = ["red circle", "blue square", "green triangle", "yellow star", "purple hexagon", "orange cross",
+              "black ring"]
+TEMPLATES = ["a photo of a {}.", "a {} shape."]
+
+
+@pytest.fixture(scope="module")
+def shapes_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("shapes") / "set"
+    WebDataModule(shapes=_shapes(root), model_cfg=TINY_CFG).prepare_data()
+    return root
+
+
+def _shapes(root):
+    return Shapes(root=str(root), image_size=40, train_samples=32, val_samples=8, zeroshot_per_class=1)
+
+
+def _module():
+    torch.manual_seed(0)
+    return CLIPModule(TINY_CFG).eval()
+
+
+def _dm(shapes_root):
+    return WebDataModule(shapes=_shapes(shapes_root), batch_size=8, num_workers=0, model_cfg=TINY_CFG)
+
+
+def _validate(callback, module, shapes_root):
+    """A real CPU trainer runs one validation (retrieval + the callback) and stays attached."""
+    trainer = pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, callbacks=[callback])
+    metrics = trainer.validate(module, datamodule=_dm(shapes_root), verbose=False)[0]
+    return trainer, metrics
+
+
+def _shapes_images(shapes_root, n):
+    """The first ``n`` JPEGs of the embedded zero-shot set, as bytes."""
+    images = []
+    for shard in sorted((shapes_root / "zeroshot").glob("*.tar")):
+        with tarfile.open(shard) as tar:
+            images += [tar.extractfile(m).read() for m in tar.getmembers() if m.name.endswith(".jpg")]
+    assert len(images) >= n
+    return images[:n]
+
+
+def write_tar(path, entries, cut_in=None):
+    """Write ``[(key, {ext: bytes})]``; ``cut_in=i`` truncates the file inside entry i's first member."""
+    buf = io.BytesIO()
+    starts = []
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        for key, members in entries:
+            starts.append(buf.tell())
+            for ext, data in members.items():
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size, info.mtime = len(data), 1_700_000_000
+                tar.addfile(info, io.BytesIO(data))
+    data = buf.getvalue()
+    Path(path).write_bytes(data if cut_in is None else data[:starts[cut_in] + 512 + 100])
+
+
+def write_set(root, shards, classnames=CLASSNAMES, templates=TEMPLATES):
+    """A zero-shot directory: ``shards`` is a list of (entries, cut_in) per shard."""
+    root.mkdir()
+    for i, (entries, cut_in) in enumerate(shards):
+        write_tar(root / f"zs-{i:06d}.tar", entries, cut_in)
+    (root / "classnames.json").write_text(json.dumps(classnames))
+    (root / "templates.json").write_text(json.dumps(templates))
+    return root
+
+
+def _classifier(module, dm, classnames=CLASSNAMES, templates=TEMPLATES):
+    return build_zero_shot_classifier(module.model, dm.tokenizer, classnames, templates,
+                                      num_classes_per_batch=None, device="cpu")
+
+
+@torch.no_grad()
+def _class_order(module, dm, images, classifier):
+    """Reference: every image decoded by PIL, through val_transform, one encode_image call; classes by score."""
+    batch = torch.stack([dm.val_transform(Image.open(io.BytesIO(b)).convert("RGB")) for b in images])
+    logits = module.model.encode_image(batch, normalize=True) @ classifier
+    return logits.argsort(dim=1, descending=True)
+
+
+@torch.no_grad()
+def test_streamed_evaluation_matches_open_clip_classifier_applied_directly(shapes_root, tmp_path):
+    module = _module()
+    dm = _dm(shapes_root)
+    dm.prepare_data()
+    dm.setup("validate")
+    images = _shapes_images(shapes_root, 17)
+    order = _class_order(module, dm, images, _classifier(module, dm))
+    # Labels from the reference's own ranking: rank 0 (top-1 hit), rank 2 (top-5 only), rank 6 (a miss),
+    # so a lost, repeated or mislabelled image changes the numbers.
+    ranks = [(0, 2, 6)[i % 3] for i in range(len(images))]
+    labels = [int(order[i, r]) for i, r in enumerate(ranks)]
+    entries = [(f"s{i:03d}", {"jpg": b, "cls": str(label).encode()}) for i, (b, label) in enumerate(zip(images, labels))]
+    root = write_set(tmp_path / "zs", [(entries[:10], None), (entries[10:], None)])
+    top1 = sum(r == 0 for r in ranks) / len(ranks)
+    top5 = sum(r < 5 for r in ranks) / len(ranks)
+
+    for batch_size in (4, 256):  # partial last batches across shards, and all in one batch
+        callback = ZeroShotEvaluation(root=str(root), batch_size=batch_size)
+        trainer, logged = _validate(callback, module, shapes_root)
+        result = callback.evaluate(trainer, module)
+        assert result["zeroshot/samples"] == len(images) and result["zeroshot/skipped"] == 0
+        assert result["zeroshot/top1"] == pytest.approx(top1, abs=1e-7)
+        assert result["zeroshot/top5"] == pytest.approx(top5, abs=1e-7)
+        assert result["zeroshot/chance"] == pytest.approx(1 / len(CLASSNAMES))
+        assert logged["zeroshot/top1"] == pytest.approx(top1) and logged["zeroshot/top5"] == pytest.approx(top5)
+
+
+def test_embedded_shapes_set_keeps_its_metric_names_and_values(shapes_root):
+    module = _module()
+    callback = ZeroShotEvaluation(batch_size=7)
+    trainer, logged = _validate(callback, module, shapes_root)
+    dm = trainer.datamodule
+    classnames = json.loads((shapes_root / "zeroshot" / "classnames.json").read_text())
+    templates = json.loads((shapes_root / "zeroshot" / "templates.json").read_text())
+    labels, images = [], []
+    for shard in sorted((shapes_root / "zeroshot").glob("*.tar")):
+        with tarfile.open(shard) as tar:
+            members = {m.name: tar.extractfile(m).read() for m in tar.getmembers()}
+        for name in sorted(n for n in members if n.endswith(".jpg")):
+            images.append(members[name])
+            labels.append(int(members[name[:-4] + ".cls"]))
+    order = _class_order(module, dm, images, _classifier(module, dm, classnames, templates))
+    labels = torch.tensor(labels)
+    assert logged["zeroshot/top1"] == pytest.approx((order[:, 0] == labels).float().mean().item())
+    assert logged["zeroshot/top5"] == pytest.approx((order[:, :5] == labels[:, None]).any(1).float().mean().item())
+    assert logged["zeroshot/chance"] == pytest.approx(1 / 30)
+    assert logged["zeroshot/samples"] == len(images) == 30 and logged["zeroshot/skipped"] == 0
+
+
+def _faulty_set(root, images):
+    """One shard with a truncated JPEG, a non-image, a missing and a bad label, a pickle member and a
+    truncated tail; one clean shard. Returns the directory, the injected skips and the good samples."""
+    good = [{"jpg": b, "cls": str(i % len(CLASSNAMES)).encode()} for i, b in enumerate(images)]
+    faulty = [
+        ("g0", good[0]),
+        ("truncated_jpeg", {"jpg": images[1][:200], "cls": b"1"}),
+        ("g1", good[1]),
+        ("not_an_image", {"jpg": b"<html>404 not found</html>", "cls": b"2"}),
+        ("g2", good[2]),
+        ("no_label", {"jpg": images[3]}),
+        ("label_out_of_range", {"jpg": images[3], "cls": str(len(CLASSNAMES)).encode()}),
+        ("pickled", {"jpg": images[4], "cls": b"0", "pyd": pickle.dumps({"x": 1})}),
+        ("g3", good[3]),
+        ("cut", good[4]),  # the tar ends inside this sample: it and the rest of the shard are lost
+        ("lost", good[5]),
+    ]
+    clean = [(f"c{i}", s) for i, s in enumerate(good[6:])]
+    write_set(root, [(faulty, 9), (clean, None)])
+    skips = {"undecodable_image": 2, "no_label": 2, "pickle_member": 1, "corrupt_shard": 1}
+    return root, skips, 4 + len(clean)
+
+
+def test_broken_samples_and_truncated_shard_are_skipped_and_counted(shapes_root, tmp_path):
+    module = _module()
+    root, skips, scored = _faulty_set(tmp_path / "zs", _shapes_images(shapes_root, 10))
+    callback = ZeroShotEvaluation(root=str(root), batch_size=3)
+    trainer, logged = _validate(callback, module, shapes_root)  # raised on the old reader
+    for result in (logged, callback.evaluate(trainer, module)):
+        assert result["zeroshot/skipped"] == sum(skips.values())
+        assert {r: result[f"zeroshot/skipped_{r}"] for r in ZEROSHOT_SKIP_REASONS} == \
+            {r: skips.get(r, 0) for r in ZEROSHOT_SKIP_REASONS}
+        assert result["zeroshot/samples"] == scored
+        assert 0 <= result["zeroshot/top1"] <= result["zeroshot/top5"] <= 1
+
+
+class RecordingStrategy:
+    def __init__(self):
+        self.reduced = []
+
+    def reduce(self, tensor, reduce_op):
+        assert reduce_op == "sum"
+        self.reduced.append(tensor.clone())
+        return tensor
+
+
+@pytest.mark.parametrize("world_size", [2, 3, 16])  # shards split by rank; samples split; most shares empty
+def test_ranks_score_disjoint_shares_that_sum_to_the_whole_set_with_one_reduce_each(shapes_root, tmp_path,
+                                                                                  world_size):
+    module = _module()
+    dm = _dm(shapes_root)
+    dm.prepare_data()
+    dm.setup("validate")
+    root, skips, scored = _faulty_set(tmp_path / "zs", _shapes_images(shapes_root, 10))
+
+    def counts(rank, world):
+        callback = ZeroShotEvaluation(root=str(root), batch_size=2)
+        strategy = RecordingStrategy()
+        trainer = SimpleNamespace(global_rank=rank, world_size=world, is_global_zero=rank == 0,
+                                  datamodule=dm, strategy=strategy)
+        callback.setup(trainer, module, "validate")
+        callback.evaluate(trainer, module)
+        assert len(strategy.reduced) == 1  # exactly one collective, also on a rank with nothing to score
+        return strategy.reduced[0]
+
+    whole = counts(0, 1)
+    shares = [counts(rank, world_size) for rank in range(world_size)]
+    assert torch.equal(sum(shares), whole)
+    assert whole[2] == scored and whole[3:].sum() == sum(skips.values())
+    if world_size == 16:
+        assert sum(int(s[2]) == 0 for s in shares) >= world_size - scored
+
+
+def _held(obj, seen=None, depth=0):
+    """Bytes, images and tensors reachable from ``obj``'s attributes and containers."""
+    seen = set() if seen is None else seen
+    if id(obj) in seen or depth > 6:
+        return []
+    seen.add(id(obj))
+    if isinstance(obj, (bytes, bytearray, memoryview, Image.Image, torch.Tensor)):
+        return [obj]
+    if isinstance(obj, dict):
+        items = list(obj.keys()) + list(obj.values())
+    elif isinstance(obj, (list, tuple, set, frozenset)):
+        items = list(obj)
+    elif hasattr(obj, "__dict__") and not isinstance(obj, (type, Path)):
+        items = list(vars(obj).values())
+    else:
+        return []
+    return [x for item in items for x in _held(item, seen, depth + 1)]
+
+
+def test_no_image_is_kept_between_evaluations_and_scoring_streams(shapes_root, tmp_path):
+    module = _module()
+    images = _shapes_images(shapes_root, 20)
+    root = write_set(tmp_path / "zs", [([(f"s{i:03d}", {"jpg": b, "cls": str(i % 7).encode()})
+                                         for i, b in enumerate(images)], None)])
+    callback = ZeroShotEvaluation(root=str(root), batch_size=3)
+    trainer, _ = _validate(callback, module, shapes_root)
+    assert _held(callback) == []
+    state = {k: v for k, v in vars(callback).items() if not callable(v)}  # Lightning binds the module's log
+    assert len(pickle.dumps(state)) < sum(map(len, images)) / 10
+
+    # Decoding runs at most one batch ahead of scoring: images are not all read, then scored.
+    dm, transformed, encoded = trainer.datamodule, [], []
+    transform, encode = dm.val_transform, module.model.encode_image
+
+    def counting_transform(image):
+        transformed.append(1)
+        return transform(image)
+
+    def recording_encode(batch, **kw):
+        encoded.append((len(transformed), batch.shape[0]))
+        return encode(batch, **kw)
+
+    dm.val_transform, module.model.encode_image = counting_transform, recording_encode
+    try:
+        callback.evaluate(trainer, module)
+    finally:
+        dm.val_transform = transform
+        del module.model.encode_image  # the class's method again
+    assert [n for _, n in encoded] == [3] * 6 + [2]
+    done = 0
+    for seen, n in encoded:
+        done += n
+        assert seen == done  # the batch being scored is all that was decoded and not yet scored
+    assert _held(callback) == []
+
+
+def test_missing_shards_is_a_clear_error(tmp_path):
+    from clip_hvt.callbacks import load_zeroshot_set
+    with pytest.raises(FileNotFoundError, match="no \\*.tar shards"):
+        load_zeroshot_set(tmp_path)
