@@ -16,6 +16,7 @@ from PIL import Image
 from clip_hvt.callbacks import ZEROSHOT_SKIP_REASONS, ZeroShotEvaluation
 from clip_hvt.data.datamodule import Shapes, WebDataModule
 from clip_hvt.module import CLIPModule
+from tests.test_datamodule import write_tar  # the same hand-built (and truncatable) tar writer
 
 TINY_CFG = {
     "embed_dim": 16,
@@ -63,21 +64,6 @@ def _shapes_images(shapes_root, n):
             images += [tar.extractfile(m).read() for m in tar.getmembers() if m.name.endswith(".jpg")]
     assert len(images) >= n
     return images[:n]
-
-
-def write_tar(path, entries, cut_in=None):
-    """Write ``[(key, {ext: bytes})]``; ``cut_in=i`` truncates the file inside entry i's first member."""
-    buf = io.BytesIO()
-    starts = []
-    with tarfile.open(fileobj=buf, mode="w") as tar:
-        for key, members in entries:
-            starts.append(buf.tell())
-            for ext, data in members.items():
-                info = tarfile.TarInfo(f"{key}.{ext}")
-                info.size, info.mtime = len(data), 1_700_000_000
-                tar.addfile(info, io.BytesIO(data))
-    data = buf.getvalue()
-    Path(path).write_bytes(data if cut_in is None else data[:starts[cut_in] + 512 + 100])
 
 
 def write_set(root, shards, classnames=CLASSNAMES, templates=TEMPLATES):
