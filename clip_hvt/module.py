@@ -87,6 +87,7 @@ class CLIPModule(pl.LightningModule):
             text_tower.compile()
         self.loss_fn = build_loss(loss)  # rebuilt with the real rank/world size in setup()
         self._val_features: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self._paused_broadcast = False  # DDP's buffer broadcast, off during validation
 
     def setup(self, stage: str) -> None:
         if not self.automatic_optimization:
@@ -158,7 +159,7 @@ class CLIPModule(pl.LightningModule):
             ddp.broadcast_buffers = False
 
     def on_validation_end(self) -> None:
-        if getattr(self, "_paused_broadcast", False):
+        if self._paused_broadcast:
             self.trainer.strategy.model.broadcast_buffers = True
             self._paused_broadcast = False
 

@@ -21,12 +21,12 @@ import os
 import re
 import signal
 import subprocess
-from pathlib import Path
 from typing import Mapping
 
 import lightning.pytorch as pl
 import torch
 from lightning.fabric.plugins.environments import SLURMEnvironment
+from lightning.pytorch.trainer.connectors.checkpoint_connector import _CheckpointConnector
 from lightning.pytorch.utilities import rank_zero_warn
 
 INTERACTIVE_JOB_NAMES = ("bash", "interactive")  # as lightning.fabric.plugins.environments.slurm
@@ -89,12 +89,6 @@ def check_trainer(trainer) -> None:
     check_launch(trainer.num_devices, trainer.num_nodes)
 
 
-def hpc_checkpoint_path(root: str | os.PathLike) -> Path:
-    """Next ``hpc_ckpt_N.ckpt`` under ``root``, named as Lightning names its pre-timeout saves."""
-    versions = [int(m[1]) for p in Path(root).glob("hpc_ckpt_*.ckpt") if (m := re.fullmatch(r"hpc_ckpt_(\d+)\.ckpt", p.name))]
-    return Path(root) / f"hpc_ckpt_{max(versions, default=0) + 1}.ckpt"
-
-
 def requeue_command(env: Mapping[str, str] | None = None) -> list[str]:
     """``scontrol requeue`` for this job (or this task of an array job)."""
     env = os.environ if env is None else env
@@ -149,7 +143,8 @@ class RequeueOnSignal(pl.Callback):
         if trainer.strategy.reduce(flag, reduce_op="sum").item() == 0:
             return
         self.signalled = False
-        path = trainer.strategy.broadcast(str(hpc_checkpoint_path(trainer.default_root_dir).absolute()))
+        # Lightning's own naming (hpc_ckpt_N.ckpt, N one past the highest), decided by rank 0
+        path = trainer.strategy.broadcast(os.path.abspath(_CheckpointConnector.hpc_save_path(trainer.default_root_dir)))
         trainer.save_checkpoint(path)  # on every rank: Lightning's save is collective
         if trainer.is_global_zero:
             command = requeue_command()

@@ -74,13 +74,6 @@ def test_check_trainer_reads_resolved_devices(monkeypatch):
         slurm.check_trainer(trainer)
 
 
-def test_hpc_checkpoint_path_follows_lightnings_numbering(tmp_path):
-    assert slurm.hpc_checkpoint_path(tmp_path) == tmp_path / "hpc_ckpt_1.ckpt"
-    for name in ("hpc_ckpt_1.ckpt", "hpc_ckpt_3.ckpt", "hpc_ckpt_x.ckpt", "last.ckpt"):
-        (tmp_path / name).touch()
-    assert slurm.hpc_checkpoint_path(tmp_path) == tmp_path / "hpc_ckpt_4.ckpt"
-
-
 def test_requeue_command_names_the_job_or_the_array_task():
     assert slurm.requeue_command({"SLURM_JOB_ID": "7"}) == ["scontrol", "requeue", "7"]
     array = {"SLURM_JOB_ID": "9", "SLURM_ARRAY_JOB_ID": "5", "SLURM_ARRAY_TASK_ID": "2"}
