@@ -27,6 +27,7 @@ Plain last-stage average pooling is the trunk itself (`pvt_v2_b2`, global_pool '
 import re
 import sys
 from dataclasses import dataclass, replace
+from functools import partial
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -35,8 +36,9 @@ import torch.nn.functional as F
 
 import timm
 from timm.layers import AttentionPoolLatent, get_device_dtype, trunc_normal_
-from timm.models import register_model
-from timm.models._features import feature_take_indices
+from timm.models import build_model_with_cfg, generate_default_cfgs, get_pretrained_cfg, register_model
+from timm.models._features import FeatureGetterNet, feature_take_indices
+from timm.models._builder import pretrained_cfg_for_features
 
 __all__ = ['MultiScale', 'MultiScaleTokens', 'PoolSpec', 'parse_pool', 'create_multiscale', 'register_multiscale',
            'multiscale_trunks']
@@ -149,8 +151,8 @@ class MultiScaleTokens(nn.Module):
 
     def embed(self, tokens: Sequence[torch.Tensor]) -> torch.Tensor:
         out = []
-        for t, stage_embed in zip(tokens, self.stage_embed):
-            t = t + stage_embed
+        for i, t in enumerate(tokens):
+            t = t + self.stage_embed[i]  # indexed, not iterated: a traced parameter cannot be iterated (fx)
             if self.pos_embed is not None:
                 t = t + self.pos_embed
             out.append(t)
@@ -191,7 +193,7 @@ def _prefix_matcher(matcher: Dict, prefix: str) -> Dict:
     return out
 
 
-_PREPROCESS_CFG_KEYS = ('input_size', 'fixed_input_size', 'interpolation', 'crop_pct', 'crop_mode', 'mean', 'std')
+_PREPROCESS_CFG_KEYS = ('input_size', 'interpolation', 'crop_pct', 'crop_mode', 'mean', 'std')
 
 
 class MultiScale(nn.Module):
@@ -206,7 +208,6 @@ class MultiScale(nn.Module):
             num_classes: int = 1000,
             global_pool: str = 'attn',
             drop_rate: float = 0.,
-            architecture: Optional[str] = None,
     ):
         super().__init__()
         if not hasattr(trunk, 'forward_intermediates') or not hasattr(trunk, 'feature_info'):
@@ -221,12 +222,9 @@ class MultiScale(nn.Module):
         dd = get_device_dtype(trunk)
         self.head = nn.Linear(self.num_features, num_classes, **dd) if num_classes > 0 else nn.Identity()
 
-        trunk_cfg = getattr(trunk, 'pretrained_cfg', None) or {}
-        self.pretrained_cfg = {k: v for k, v in trunk_cfg.items() if k in _PREPROCESS_CFG_KEYS}
-        self.pretrained_cfg.update(
-            architecture=architecture, num_classes=num_classes, classifier='head', pool_size=None,
-            first_conv='trunk.' + trunk_cfg['first_conv'] if trunk_cfg.get('first_conv') else None)
-        self.default_cfg = self.pretrained_cfg
+        # the trunk's stages are this model's features (features_only, forward_intermediates)
+        self.feature_info = [
+            dict(info, module=f"trunk.{info['module']}") for info in self.trunk.feature_info[:self.num_stages]]
 
     def _build_head(self, global_pool: str):
         dd = get_device_dtype(self.trunk)
@@ -279,10 +277,27 @@ class MultiScale(nn.Module):
                 global_pool = ':'.join([''] + options)
             self._build_head(global_pool)
         self.num_classes = num_classes
-        self.pretrained_cfg['num_classes'] = num_classes
         dd = get_device_dtype(self.trunk)
         self.head = nn.Linear(self.num_features, num_classes, **dd) if num_classes > 0 else nn.Identity()
         self.head.train(self.training)
+
+    def prune_intermediate_layers(
+            self,
+            indices: Union[int, List[int]] = 1,
+            prune_norm: bool = False,
+            prune_head: bool = True,
+    ):
+        """Keep the trunk stages the indices need (timm's features_only); the token head goes with the head."""
+        take_indices, max_index = feature_take_indices(self.num_stages, indices)
+        if prune_head or max_index < max(self.spec.stages):
+            self.tokens, self.pool, self.head = nn.Identity(), nn.Identity(), nn.Identity()
+            self.num_classes = 0
+            self.spec = None  # no token head: forward_intermediates returns stage maps only
+        if hasattr(self.trunk, 'prune_intermediate_layers'):
+            self.trunk.prune_intermediate_layers(take_indices, prune_norm=prune_norm, prune_head=True)
+        self.num_stages = max_index + 1
+        self.feature_info = self.feature_info[:self.num_stages]
+        return take_indices
 
     def forward_intermediates(
             self,
@@ -297,6 +312,8 @@ class MultiScale(nn.Module):
         if output_fmt not in ('NCHW', 'NHWC'):
             raise ValueError(f"output_fmt must be 'NCHW' or 'NHWC', got '{output_fmt}'")
         take_indices, _ = feature_take_indices(self.num_stages, indices)
+        if not intermediates_only and self.spec is None:
+            raise ValueError('the token head was pruned (features_only); use intermediates_only=True')
         needed = set(take_indices) if intermediates_only else set(take_indices) | set(self.spec.stages)
         needed = sorted(needed)
         maps = self.trunk.forward_intermediates(
@@ -325,38 +342,77 @@ class MultiScale(nn.Module):
         return x
 
 
-def _create_multiscale(
+def _build(
         trunk_name: str,
-        pretrained: bool = False,
         num_classes: int = 1000,
         global_pool: str = 'attn',
         drop_rate: float = 0.,
         **trunk_kwargs,
 ) -> MultiScale:
-    # pretrained loads the trunk's own timm weights; the multiscale head always starts fresh
-    trunk = timm.create_model(trunk_name, pretrained=pretrained, num_classes=0, **trunk_kwargs)
-    return MultiScale(
-        trunk, num_classes=num_classes, global_pool=global_pool, drop_rate=drop_rate,
-        architecture=f'{trunk_name}_ms')
+    """The trunk (random init; weights come through timm's pretrained loading of the whole model) + the head."""
+    trunk_cfg = get_pretrained_cfg(trunk_name)
+    if trunk_cfg is not None and trunk_cfg.fixed_input_size and 'img_size' not in trunk_kwargs:
+        # open_clip's TimmModel never passes the image size to timm: without img_size a fixed-size trunk
+        # (swin) takes any size dynamically; with img_size it is built for that size, as timm builds it
+        trunk_kwargs.setdefault('dynamic_img_size', True)
+    trunk = timm.create_model(trunk_name, pretrained=False, num_classes=0, **trunk_kwargs)
+    return MultiScale(trunk, num_classes=num_classes, global_pool=global_pool, drop_rate=drop_rate)
 
 
+def _create_multiscale(variant: str, trunk_name: str, pretrained: bool = False, **kwargs) -> MultiScale:
+    features_only = kwargs.pop('features_only', False)
+    out_indices = kwargs.pop('out_indices', None)
+    feature_cls = kwargs.pop('feature_cls', 'getter')
+    feature_cfg = kwargs.pop('feature_cfg', None) or {}
+    feature_cls = feature_cfg.pop('feature_cls', feature_cls)
+    if features_only and feature_cls != 'getter':
+        raise ValueError(f"{variant}: features_only supports feature_cls='getter' only, got {feature_cls!r}")
+    model = build_model_with_cfg(partial(_build, trunk_name), variant, pretrained, **kwargs)
+    if not features_only:
+        return model
+    # wrapped here rather than by build_model_with_cfg: the default out_indices (every stage) depend on the
+    # trunk, which is only known once it is built
+    if out_indices is None:
+        out_indices = feature_cfg.pop('out_indices', tuple(range(len(model.feature_info))))
+    features = FeatureGetterNet(model, out_indices=out_indices, **feature_cfg)
+    features.pretrained_cfg = features.default_cfg = pretrained_cfg_for_features(model.pretrained_cfg)
+    return features
+
+
+def _ms_cfg(trunk_name: str) -> dict:
+    """The `<trunk>_ms` default cfg: the trunk's preprocessing, no weights of its own (pool_size None:
+    forward_features returns a token sequence, as timm's ViTs do)."""
+    trunk_cfg = get_pretrained_cfg(trunk_name)
+    trunk_cfg = trunk_cfg.to_dict() if trunk_cfg is not None else {}
+    cfg = {k: trunk_cfg[k] for k in _PREPROCESS_CFG_KEYS if trunk_cfg.get(k) is not None}
+    first_conv = trunk_cfg.get('first_conv')
+    if isinstance(first_conv, str):
+        first_conv = 'trunk.' + first_conv
+    elif first_conv:
+        first_conv = tuple('trunk.' + c for c in first_conv)
+    cfg.update(num_classes=1000, classifier='head', pool_size=None, fixed_input_size=False, first_conv=first_conv)
+    return cfg
+
+
+default_cfgs: Dict = {}
 _REGISTERED: Dict[str, str] = {}  # trunk name -> registered multiscale model name
 
 
 def register_multiscale(trunk_name: str) -> str:
-    """Register `<trunk_name>_ms` in timm's registry (idempotent) and return that name."""
+    """Register `<trunk_name>_ms` and its default cfg in timm's registry (idempotent) and return that name."""
     if trunk_name in _REGISTERED:
         return _REGISTERED[trunk_name]
     if not timm.is_model(trunk_name):
         raise ValueError(f"'{trunk_name}' is not a timm model; register its module before clip_hvt.models.multiscale")
+    name = f'{trunk_name}_ms'
 
     def entrypoint(pretrained: bool = False, **kwargs) -> MultiScale:
-        return _create_multiscale(trunk_name, pretrained=pretrained, **kwargs)
+        return _create_multiscale(name, trunk_name, pretrained=pretrained, **kwargs)
 
-    name = f'{trunk_name}_ms'
     entrypoint.__name__ = entrypoint.__qualname__ = name
     entrypoint.__module__ = __name__
     entrypoint.__doc__ = f'{trunk_name} with pooled multiscale tokens; global_pool grammar in {__name__}.'
+    default_cfgs.update(generate_default_cfgs({name: _ms_cfg(trunk_name)}))
     register_model(entrypoint)
     setattr(sys.modules[__name__], name, entrypoint)
     _REGISTERED[trunk_name] = name
