@@ -141,15 +141,15 @@ class MultiScaleTokens(nn.Module):
         if self.pos_embed is not None:
             trunc_normal_(self.pos_embed, std=.02)
 
-    def project(self, maps: Sequence[torch.Tensor]) -> List[torch.Tensor]:
+    def project(self, maps: List[torch.Tensor]) -> List[torch.Tensor]:
         """Pool and project each stage map to (B, grid**2, width), before any embedding is added."""
         tokens = []
-        for x, norm, proj in zip(maps, self.norms, self.projs):
-            x = F.adaptive_avg_pool2d(x, self.grid).flatten(2).transpose(1, 2)
+        for i, (norm, proj) in enumerate(zip(self.norms, self.projs)):  # torchscript zips no tensor list
+            x = F.adaptive_avg_pool2d(maps[i], self.grid).flatten(2).transpose(1, 2)
             tokens.append(proj(norm(x)))
         return tokens
 
-    def embed(self, tokens: Sequence[torch.Tensor]) -> torch.Tensor:
+    def embed(self, tokens: List[torch.Tensor]) -> torch.Tensor:
         out = []
         for i, t in enumerate(tokens):
             t = t + self.stage_embed[i]  # indexed, not iterated: a traced parameter cannot be iterated (fx)
@@ -158,7 +158,7 @@ class MultiScaleTokens(nn.Module):
             out.append(t)
         return torch.cat(out, dim=1)
 
-    def forward(self, maps: Sequence[torch.Tensor]) -> torch.Tensor:
+    def forward(self, maps: List[torch.Tensor]) -> torch.Tensor:
         return self.embed(self.project(maps))
 
 
@@ -193,7 +193,7 @@ def _prefix_matcher(matcher: Dict, prefix: str) -> Dict:
     return out
 
 
-_PREPROCESS_CFG_KEYS = ('input_size', 'interpolation', 'crop_pct', 'crop_mode', 'mean', 'std')
+_PREPROCESS_CFG_KEYS = ('input_size', 'fixed_input_size', 'interpolation', 'crop_pct', 'crop_mode', 'mean', 'std')
 
 
 class MultiScale(nn.Module):
@@ -239,6 +239,7 @@ class MultiScale(nn.Module):
             pool, self.num_features = _create_reducer(spec, dd)
             self.pool = pool.train(self.training)
         self.spec = spec
+        self.stage_indices: List[int] = list(spec.stages)  # the spec's stages, typed for torchscript
         self.global_pool = global_pool
         self.head_hidden_size = self.num_features
 
@@ -267,6 +268,11 @@ class MultiScale(nn.Module):
     @torch.jit.ignore
     def get_classifier(self) -> nn.Module:
         return self.head
+
+    @torch.jit.ignore
+    def set_input_size(self, img_size=None, **kwargs):
+        """Resize a fixed-size trunk (swin); open_clip's TimmModel.set_input_size calls this."""
+        self.trunk.set_input_size(img_size=img_size, **kwargs)
 
     def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None):
         """New classifier; a new global_pool rebuilds only the head parts whose options changed."""
@@ -326,10 +332,14 @@ class MultiScale(nn.Module):
             return intermediates
         return self.tokens([by_index[i] for i in self.spec.stages]), intermediates
 
+    @torch.jit.ignore
+    def _stage_maps(self, x: torch.Tensor) -> List[torch.Tensor]:
+        # left to Python under torchscript: timm trunks' forward_intermediates are not all scriptable (resnet)
+        return self.trunk.forward_intermediates(
+            x, indices=self.stage_indices, stop_early=True, intermediates_only=True)
+
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        maps = self.trunk.forward_intermediates(
-            x, indices=list(self.spec.stages), stop_early=True, intermediates_only=True)
-        return self.tokens(maps)
+        return self.tokens(self._stage_maps(x))
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         x = self.pool(x)
@@ -349,12 +359,9 @@ def _build(
         drop_rate: float = 0.,
         **trunk_kwargs,
 ) -> MultiScale:
-    """The trunk (random init; weights come through timm's pretrained loading of the whole model) + the head."""
-    trunk_cfg = get_pretrained_cfg(trunk_name)
-    if trunk_cfg is not None and trunk_cfg.fixed_input_size and 'img_size' not in trunk_kwargs:
-        # open_clip's TimmModel never passes the image size to timm: without img_size a fixed-size trunk
-        # (swin) takes any size dynamically; with img_size it is built for that size, as timm builds it
-        trunk_kwargs.setdefault('dynamic_img_size', True)
+    """The trunk (random init; weights come through timm's pretrained loading of the whole model) + the head.
+
+    trunk_kwargs reach the trunk, img_size included: timm passes it from the cfg to fixed-size trunks (swin)."""
     trunk = timm.create_model(trunk_name, pretrained=False, num_classes=0, **trunk_kwargs)
     return MultiScale(trunk, num_classes=num_classes, global_pool=global_pool, drop_rate=drop_rate)
 
@@ -390,7 +397,7 @@ def _ms_cfg(trunk_name: str) -> dict:
         first_conv = 'trunk.' + first_conv
     elif first_conv:
         first_conv = tuple('trunk.' + c for c in first_conv)
-    cfg.update(num_classes=1000, classifier='head', pool_size=None, fixed_input_size=False, first_conv=first_conv)
+    cfg.update(num_classes=1000, classifier='head', pool_size=None, first_conv=first_conv)
     return cfg
 
 
