@@ -141,25 +141,26 @@ class MultiScaleTokens(nn.Module):
         if self.pos_embed is not None:
             trunc_normal_(self.pos_embed, std=.02)
 
-    def project(self, maps: List[torch.Tensor]) -> List[torch.Tensor]:
+    def project(self, maps: List[torch.Tensor], grid: int) -> List[torch.Tensor]:
         """Pool and project each stage map to (B, grid**2, width), before any embedding is added."""
         tokens = []
         for i, (norm, proj) in enumerate(zip(self.norms, self.projs)):  # torchscript zips no tensor list
-            x = F.adaptive_avg_pool2d(maps[i], self.grid).flatten(2).transpose(1, 2)
+            x = F.adaptive_avg_pool2d(maps[i], grid).flatten(2).transpose(1, 2)
             tokens.append(proj(norm(x)))
         return tokens
 
-    def embed(self, tokens: List[torch.Tensor]) -> torch.Tensor:
+    def embed(self, tokens: List[torch.Tensor], pos_embed: Optional[torch.Tensor]) -> torch.Tensor:
+        """Add the stage and (grid > 1) position embeddings, concatenate stage by stage."""
         out = []
         for i, t in enumerate(tokens):
             t = t + self.stage_embed[i]  # indexed, not iterated: a traced parameter cannot be iterated (fx)
-            if self.pos_embed is not None:
-                t = t + self.pos_embed
+            if pos_embed is not None:
+                t = t + pos_embed
             out.append(t)
         return torch.cat(out, dim=1)
 
     def forward(self, maps: List[torch.Tensor]) -> torch.Tensor:
-        return self.embed(self.project(maps))
+        return self.embed(self.project(maps, self.grid), self.pos_embed)
 
 
 class TokenMean(nn.Module):
