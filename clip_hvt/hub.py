@@ -1,4 +1,4 @@
-"""Encoders that leave the project: the image trunk alone as a timm checkpoint.
+"""Encoders that leave the project: the image trunk alone as a timm checkpoint; CLIP_benchmark with our encoders.
 
 ``python -m clip_hvt.hub --src SRC --out DIR`` (SRC: an open_clip export dir written by
 ``clip_hvt.export``, or a ``.ckpt`` written by ``clip_hvt.train``) writes timm's own export layout through
@@ -13,6 +13,7 @@ rebuilds the trunk with identical features, also with ``features_only=True`` for
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import open_clip
@@ -62,5 +63,23 @@ def export_timm(src: str, out: str) -> Path:
     return path
 
 
+def clip_benchmark_main() -> None:
+    """``clip-hvt-benchmark``: CLIP_benchmark's own CLI, unchanged, with clip_hvt's encoders registered in timm.
+
+    CLIP_benchmark builds models by name through open_clip and timm and never imports clip_hvt, so an export whose
+    image trunk is ours (``cvt_*``, ``*_ms``) fails there with ``Unknown model``; importing this module registers
+    them first (``import clip_hvt`` does), then the arguments go to ``clip_benchmark.cli.main`` as they are.
+    """
+    try:
+        from clip_benchmark.cli import main
+    except ImportError:
+        sys.exit("clip-hvt-benchmark needs CLIP_benchmark: pip install 'clip_hvt[benchmark]'")
+    main()
+
+
+def main(args: list[str] | None = None) -> Path:
+    return run(export_timm, args, prog="clip-hvt-export-timm")
+
+
 if __name__ == "__main__":
-    run(export_timm)
+    main()
