@@ -512,14 +512,15 @@ class ConvolutionalVisionTransformer(nn.Module):
         x = x.contiguous(memory_format=torch.channels_last)
         feat_size = (x.shape[-2], x.shape[-1])  # defined before the loop for torchscript
         for feat_idx, stage in enumerate(self.stages):
-            if stop_early and feat_idx > max_index:
-                break
-            if feat_idx > 0:
-                x = _tokens_to_map(x, feat_size, 0)
-            x, feat_size = stage(x)
-            if feat_idx in take_indices:
-                x_inter = self.norm(x) if norm and feat_idx == last_idx else x
-                intermediates.append(_tokens_to_map(x_inter, feat_size, stage.num_prefix_tokens))
+            if stop_early and feat_idx > max_index:  # (no break: torchscript unrolls ModuleList loops)
+                pass
+            else:
+                if feat_idx > 0:
+                    x = _tokens_to_map(x, feat_size, 0)
+                x, feat_size = stage(x)
+                if feat_idx in take_indices:
+                    x_inter = self.norm(x) if norm and feat_idx == last_idx else x
+                    intermediates.append(_tokens_to_map(x_inter, feat_size, stage.num_prefix_tokens))
 
         if intermediates_only:
             return intermediates

@@ -333,14 +333,11 @@ class MultiScale(nn.Module):
             return intermediates
         return self.tokens([by_index[i] for i in self.spec.stages]), intermediates
 
-    @torch.jit.ignore
-    def _stage_maps(self, x: torch.Tensor) -> List[torch.Tensor]:
-        # left to Python under torchscript: timm trunks' forward_intermediates are not all scriptable (resnet)
-        return self.trunk.forward_intermediates(
-            x, indices=self.stage_indices, stop_early=True, intermediates_only=True)
-
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        return self.tokens(self._stage_maps(x))
+        maps = self.trunk.forward_intermediates(
+            x, indices=self.stage_indices, stop_early=True, intermediates_only=True)
+        assert isinstance(maps, list)  # narrows the trunk's declared return type for torchscript
+        return self.tokens(maps)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         x = self.pool(x)
