@@ -20,9 +20,10 @@ import warnings
 from typing import Callable, Iterator, Sequence
 
 import torch
-import webdataset as wds
 from PIL import Image
 from webdataset.tariterators import base_plus_ext
+
+from .shards import open_url
 
 log = logging.getLogger(__name__)
 
@@ -81,19 +82,12 @@ class TarSamples:
 
     def __call__(self, shards: Iterator[dict]) -> Iterator[dict]:
         for shard in shards:
-            url = shard["url"]
-            try:
-                stream = wds.gopen(url)
-            except Exception as exn:  # missing file, failed pipe/remote open
-                self.counter.add("corrupt_shard", f"{url} ({type(exn).__name__}: {exn})")
-                continue
-            with stream:
-                yield from self._samples(stream, url)
+            yield from self._samples(shard["url"])
 
-    def _samples(self, stream, url: str) -> Iterator[dict]:
+    def _samples(self, url: str) -> Iterator[dict]:
         sample = None
-        try:
-            with tarfile.open(fileobj=stream, mode="r|*") as tar:
+        try:  # open_url: a failed remote command (or missing file) is this shard's read error
+            with open_url(url) as stream, tarfile.open(fileobj=stream, mode="r|*") as tar:
                 for info in tar:
                     tar.members = []  # stream mode would otherwise keep every header of the shard
                     key, ext = base_plus_ext(info.name)
