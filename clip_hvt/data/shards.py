@@ -231,8 +231,13 @@ def _stats_count(url: str) -> tuple[int | None, str]:
     return (int(table["successes"]), "") if table else (None, f"{stats_url}: {why}")
 
 
-def shard_sizes(urls: Sequence[str]) -> tuple[dict[str, int] | None, str]:
-    """Samples per shard from ``sizes.json`` or img2dataset stats files, or (None, why not)."""
+def shard_sizes(urls: Sequence[str]) -> dict[str, int] | None:
+    """Samples per shard from ``sizes.json`` or img2dataset stats files; None if unknown."""
+    return _sizes(urls)[0]
+
+
+def _sizes(urls: Sequence[str]) -> tuple[dict[str, int] | None, str]:
+    """``shard_sizes`` and, when unknown, why (what was tried)."""
     sizes: dict[str, int] = {}
     unlisted = []
     tables: dict[str, dict] = {}  # one read of each directory's sizes.json, not one per shard
@@ -269,7 +274,7 @@ def count_samples(sources: list[list[str]]) -> int:
     """Total samples over all sources; a clear error when a shard has no recorded count."""
     total = 0
     for urls in sources:
-        sizes, why = shard_sizes(urls)
+        sizes, why = _sizes(urls)
         if sizes is None:
             raise ValueError(
                 f"no sample count for shards like '{urls[0]}': {why}. "
