@@ -268,3 +268,11 @@ def test_missing_shards_is_a_clear_error(tmp_path):
     from clip_hvt.data.pipeline import zeroshot_set
     with pytest.raises(FileNotFoundError, match="no \\*.tar shards"):
         zeroshot_set(tmp_path)
+
+
+def test_no_sets_evaluates_nothing_with_a_one_line_notice(caplog):
+    callback = ZeroShotEvaluation()
+    trainer = SimpleNamespace(is_global_zero=True)
+    callback.setup(trainer, None, "fit")
+    assert "zero-shot evaluation: no sets given" in caplog.text
+    assert callback.evaluate(trainer, None) == {}

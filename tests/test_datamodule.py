@@ -282,3 +282,16 @@ def test_validation_skips_are_counted_per_pass_logged_and_summarised(tiny_config
     out = capsys.readouterr().out
     assert f"validation skipped {sum(expected.values())} sample(s) (" in out
     assert f"metrics are over the {CLI_CUT - len(CLI_FAULTS)} that decoded" in out
+
+
+def test_shapes_and_train_shards_together_is_an_error_naming_both(tmp_path):
+    write_tar(tmp_path / "a.tar", [("x", good("x"))])
+    with pytest.raises(ValueError, match="data.shapes and data.train_shards are both set"):
+        WebDataModule(train_shards=str(tmp_path / "a.tar"), shapes=datamodule.Shapes(root=str(tmp_path / "s")))
+
+
+def test_shapes_data_names_its_zero_shot_set_and_shards_give_none(tmp_path):
+    shapes = datamodule.Shapes(root=str(tmp_path / "s"))
+    assert WebDataModule(shapes=shapes).zeroshot_sets == [str(tmp_path / "s" / "zeroshot")]
+    write_tar(tmp_path / "a.tar", [("x", good("x"))])
+    assert WebDataModule(train_shards=str(tmp_path / "a.tar")).zeroshot_sets == []
