@@ -38,7 +38,7 @@ import torchvision.transforms as T
 import webdataset as wds
 from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES, OPENAI_IMAGENET_TEMPLATES, SIMPLE_IMAGENET_TEMPLATES
 
-from .sample import MAX_IMAGE_PIXELS, SkipCounter, SkipSample, captions, check_members, image, label, read_tar, where
+from .sample import MAX_IMAGE_PIXELS, SkipCounter, SkipSample, captions, decode_sample, label, read_tar, where
 from .shards import WeightedResampledShards
 
 
@@ -55,19 +55,14 @@ def read_shards(shards: Iterator[dict], counter: SkipCounter, count_shard_errors
 
 def decode(samples: Iterator[dict], transform: Callable, target: Callable, counter: SkipCounter,
            max_pixels: int = MAX_IMAGE_PIXELS, min_side: int = 0, seed: int = 0) -> Iterator[tuple]:
-    """Pipeline stage: raw samples -> (transformed image, ``target(sample, rng)``); skips counted.
-
-    Order of checks: members (pickle-like, duplicate), then the target, then the image, so the
-    reason counted for a sample is the same in every reader.
-    """
+    """Pipeline stage: raw samples -> (transformed image, ``target(sample, rng)``); skips counted."""
     info = torch.utils.data.get_worker_info()
     # forked workers hold copies of one rng: seeded per worker so their caption choices differ
-    rng = random.Random(hash((seed, info.id if info else 0)))
+    target = partial(target, rng=random.Random(hash((seed, info.id if info else 0))))
     for sample in samples:
         try:
-            check_members(sample)
-            value = target(sample, rng)
-            yield transform(image(sample, max_pixels, min_side)), value
+            img, value = decode_sample(sample, target, max_pixels, min_side)
+            yield transform(img), value
         except SkipSample as skip:
             counter.add(skip.reason, where(sample))
 

@@ -219,10 +219,15 @@ def label(sample: dict, num_classes: int | None = None) -> int:
     return value
 
 
-def check_members(sample: dict) -> None:
-    """Faults of the member list alone, checked before anything is decoded."""
+def decode_sample(sample: dict, target, max_pixels: int = MAX_IMAGE_PIXELS, min_side: int = 0):
+    """(RGB image, ``target(sample)``), or ``SkipSample`` with the one reason every reader counts.
+
+    Checked in this order: members (pickle-like, duplicate), the target (caption or label), the image.
+    """
     pickled = [k for k in sample if not k.startswith("__") and is_pickle_like(k)]
     if pickled:
         raise SkipSample("pickle_member", ", ".join(pickled))
     if "__duplicate__" in sample:
         raise SkipSample("duplicate_member", sample["__duplicate__"])
+    value = target(sample)
+    return image(sample, max_pixels, min_side), value
