@@ -266,7 +266,7 @@ def test_cli_stops_when_the_skip_rate_passes_the_threshold(tiny_config, tmp_path
     message = str(err.value)
     assert f"{n} of {n + 16} samples skipped ({n / (n + 16):.1%} > max_skip_rate 5.0%)" in message
     assert ", ".join(f"{r}={first[r]}" for r in SKIP_REASONS if r in first) in message
-    assert "check_shards.py" in message
+    assert "python -m clip_hvt.data.check" in message
 
 
 def test_validation_skips_are_counted_per_pass_logged_and_summarised(tiny_config, tmp_path, monkeypatch,
