@@ -15,7 +15,9 @@ from clip_hvt import train
 from clip_hvt.cli import UserError
 from clip_hvt.data.datamodule import WebDataModule
 from clip_hvt.data.shards import ShardReadError, count_samples, expand_sources, open_url
-from tests.test_datamodule import MODEL_CFG, good, make_dm, skipped, token_rows, write_tar
+from tests.conftest import TINY_MODEL_CFG as MODEL_CFG
+from tests.conftest import write_tar
+from tests.test_datamodule import good, make_dm, skipped, token_rows
 
 
 class ShardServer(http.server.ThreadingHTTPServer):
