@@ -8,7 +8,7 @@ token sequence from `forward_features` (CvT: class token + last-stage tokens; `_
 so the `default_cfgs` checks are those timm applies to its token-sequence models (ViT, PiT, MViTv2).
 
 Each model is built once per name (module-scoped fixture) and copied per test; inputs are 64 px, so the
-suite stays small. The largest variants are marked slow.
+suite stays small.
 """
 import copy
 import math
@@ -23,13 +23,16 @@ from torchvision.models.feature_extraction import NodePathTracer
 import clip_hvt  # noqa: F401  (registers the models)
 
 NAMES = sorted(timm.list_models(module=['cvt', 'multiscale']))
-HEAVY = {'cvt_w24', 'cvt_w24_ms', 'pvt_v2_b3_ms', 'pvt_v2_b4_ms', 'pvt_v2_b5_ms', 'convnext_small_ms'}
+# one name per family runs by default (cvt_13, cvt_13_ms, pvt_v2_b0_ms, convnext_atto_ms, resnet50_ms, swin_*_ms);
+# the other sizes share their code and run with the slow tests (each is tens of seconds per test on 2 cores)
+SLOW = {'cvt_21', 'cvt_21_ms', 'cvt_w24', 'cvt_w24_ms', 'convnext_tiny_ms', 'convnext_small_ms', 'pvt_v2_b1_ms',
+        'pvt_v2_b2_ms', 'pvt_v2_b2_li_ms', 'pvt_v2_b3_ms', 'pvt_v2_b4_ms', 'pvt_v2_b5_ms'}
 SIZE = (64, 64)
 BATCH = 2
 
 
 def _params(names):
-    return [pytest.param(n, marks=pytest.mark.slow) if n in HEAVY else n for n in names]
+    return [pytest.param(n, marks=pytest.mark.slow) if n in SLOW else n for n in names]
 
 
 def _create(name, **kwargs):
