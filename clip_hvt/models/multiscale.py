@@ -141,16 +141,19 @@ class MultiScaleTokens(nn.Module):
         if self.pos_embed is not None:
             trunc_normal_(self.pos_embed, std=.02)
 
-    def project(self, maps: List[torch.Tensor], grid: int) -> List[torch.Tensor]:
-        """Pool and project each stage map to (B, grid**2, width), before any embedding is added."""
+    def project(self, maps: List[torch.Tensor], grid: Optional[int] = None) -> List[torch.Tensor]:
+        """Pool and project each stage map to (B, grid**2, width) (default: the trained grid), before any embedding."""
+        grid = self.grid if grid is None else grid
         tokens = []
         for i, (norm, proj) in enumerate(zip(self.norms, self.projs)):  # torchscript zips no tensor list
             x = F.adaptive_avg_pool2d(maps[i], grid).flatten(2).transpose(1, 2)
             tokens.append(proj(norm(x)))
         return tokens
 
-    def embed(self, tokens: List[torch.Tensor], pos_embed: Optional[torch.Tensor]) -> torch.Tensor:
-        """Add the stage and (grid > 1) position embeddings, concatenate stage by stage."""
+    def embed(self, tokens: List[torch.Tensor], pos_embed: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Add the stage and (grid > 1) position embeddings (pos_embed: one resampled for another grid),
+        concatenate stage by stage."""
+        pos_embed = self.pos_embed if pos_embed is None else pos_embed
         out = []
         for i, t in enumerate(tokens):
             t = t + self.stage_embed[i]  # indexed, not iterated: a traced parameter cannot be iterated (fx)
@@ -160,7 +163,7 @@ class MultiScaleTokens(nn.Module):
         return torch.cat(out, dim=1)
 
     def forward(self, maps: List[torch.Tensor]) -> torch.Tensor:
-        return self.embed(self.project(maps, self.grid), self.pos_embed)
+        return self.embed(self.project(maps))
 
 
 class TokenMean(nn.Module):
