@@ -17,6 +17,7 @@ import json
 import logging
 import math
 import os
+import pickle
 import re
 import sys
 from dataclasses import dataclass, field
@@ -133,12 +134,12 @@ def load_set(root: str | Path, classnames: str | None = None, templates: str | N
         layout, task = ("clip_hvt", CLASSIFICATION) if (root / "classnames.json").is_file() or classnames \
             else ("captions", RETRIEVAL)
         found_names, found_templates = root / "classnames.json", root / "templates.json"
-    elif (root / "classnames.json").is_file() or (root / "classnames.txt").is_file():
-        raise UserError(f"'{root}' has class names but no *.tar shards (nor test/*.tar); "
-                        f"supported layouts: {SUPPORTED_LAYOUTS}")
     else:
         folders = sorted(p for p in root.iterdir() if p.is_dir())
         files = [(str(f), label) for label, d in enumerate(folders) for f in sorted(d.iterdir()) if f.is_file()]
+        if not files and ((root / "classnames.json").is_file() or (root / "classnames.txt").is_file()):
+            raise UserError(f"'{root}' has class names but no *.tar shards (nor test/*.tar) and no class "
+                            f"sub-folders of images; supported layouts: {SUPPORTED_LAYOUTS}")
         if not files:
             raise UserError(f"'{root}' is no evaluation set: no *.tar shards and no class sub-folders with images; "
                             f"supported layouts: {SUPPORTED_LAYOUTS}")
@@ -185,8 +186,9 @@ def load_model(spec: str) -> EvalModel:
     if path.is_file() and path.suffix == ".ckpt":
         try:
             model, model_cfg = model_from_checkpoint(path)
-        except (KeyError, RuntimeError, EOFError, OSError) as err:
-            raise UserError(f"--model '{spec}' is not a clip_hvt checkpoint ({type(err).__name__}: {err}); give "
+        except (KeyError, TypeError, RuntimeError, EOFError, OSError, pickle.UnpicklingError) as err:
+            first = (str(err).splitlines() or [""])[0][:200]
+            raise UserError(f"--model '{spec}' is not a clip_hvt checkpoint ({type(err).__name__}: {first}); give "
                             "a .ckpt written by clip_hvt.train, an export directory or OPEN_CLIP_NAME,WEIGHTS_FILE") from None
         return EvalModel(model, factory.create_tokenizer(model_cfg), factory.image_transforms(model_cfg)[1],
                          str(path), str(path))
@@ -386,18 +388,22 @@ def distributed_from_env(device: str) -> tuple[int, int]:
 def evaluate_set(model: torch.nn.Module, tokenizer: Callable, transform: Callable, evalset: EvalSet, *,
                  batch_size: int = 64, num_workers: int = 0, recall_k: Sequence[int] = (1, 5, 10),
                  rank: int = 0, world_size: int = 1, max_image_pixels: int = 64_000_000,
-                 autocast: torch.autocast | None = None) -> dict[str, Any]:
+                 autocast: torch.autocast | None = None,
+                 reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> dict[str, Any]:
     """Evaluate ``model`` on this rank's share of ``evalset``; every rank returns the whole set's
     ``{"metrics": ..., "samples": images scored, "skipped": {reason: count}}``.
 
-    With ``world_size`` > 1 every rank must call this (it runs collectives of ``torch.distributed``).
+    With ``world_size`` > 1 every rank must call this: counts are summed with one ``reduce`` (default
+    ``torch.distributed.all_reduce``; Lightning passes its strategy's) and retrieval features are
+    gathered with ``torch.distributed``.
     """
+    reduce = reduce or (lambda x: _all_reduce(x, world_size))
     device = next(model.parameters()).device
     dtype = next(model.parameters()).dtype
     was_training = model.training
     model.eval()
     context = autocast or contextlib.nullcontext()
-    skipped = torch.zeros(len(EVAL_SKIP_REASONS), dtype=torch.long, device=device)
+    num_skips = len(EVAL_SKIP_REASONS)
     stream = batches(evalset, transform, batch_size, rank, world_size, num_workers, max_image_pixels)
     try:
         if evalset.task == CLASSIFICATION:
@@ -405,10 +411,11 @@ def evaluate_set(model: torch.nn.Module, tokenizer: Callable, transform: Callabl
                 classifier = build_zero_shot_classifier(model, tokenizer, evalset.classnames, evalset.templates,
                                                         num_classes_per_batch=None, device=device).float()
             num_classes = len(evalset.classnames)
-            # top-1 hits, top-5 hits, count, then per class: samples, correct top-1
-            counts = torch.zeros(3 + 2 * num_classes, dtype=torch.float64, device=device)
+            # top-1 hits, top-5 hits, samples, skips by reason, then per class: samples, top-1 hits
+            counts = torch.zeros(3 + num_skips + 2 * num_classes, dtype=torch.float64, device=device)
+            per_class = 3 + num_skips
             for batch in stream:
-                skipped += batch["skipped"].to(device)
+                counts[3:per_class] += batch["skipped"].to(device)
                 if batch["image"] is None:
                     continue
                 with context:
@@ -419,14 +426,16 @@ def evaluate_set(model: torch.nn.Module, tokenizer: Callable, transform: Callabl
                 counts[0] += hit1.sum()
                 counts[1] += (top == labels[:, None]).any(1).sum()
                 counts[2] += len(labels)
-                counts[3:3 + num_classes] += torch.bincount(labels, minlength=num_classes)
-                counts[3 + num_classes:] += torch.bincount(labels[hit1], minlength=num_classes)
-            counts = _all_reduce(counts, world_size)
+                counts[per_class:per_class + num_classes] += torch.bincount(labels, minlength=num_classes)
+                counts[per_class + num_classes:] += torch.bincount(labels[hit1], minlength=num_classes)
+            counts = reduce(counts).cpu()  # one collective per rank and set, also for an empty share
             metrics = classification_metrics(counts[0].item(), counts[1].item(), counts[2].item(),
-                                             counts[3:3 + num_classes].cpu(), counts[3 + num_classes:].cpu())
-            samples = int(counts[2])
+                                             counts[per_class:per_class + num_classes],
+                                             counts[per_class + num_classes:])
+            samples, skipped = int(counts[2]), counts[3:per_class]
         else:
             images, texts, owner, offset = [], [], [], 0
+            skipped = torch.zeros(num_skips, dtype=torch.float64, device=device)
             for batch in stream:
                 skipped += batch["skipped"].to(device)
                 if batch["image"] is None:
@@ -447,16 +456,16 @@ def evaluate_set(model: torch.nn.Module, tokenizer: Callable, transform: Callabl
             starts = torch.tensor([0] + [len(p) for p in image_parts[:-1]]).cumsum(0).tolist()
             owner = torch.cat([o + s for o, s in zip(_all_gather_rows(owner, world_size), starts)])
             image, text = torch.cat(image_parts), torch.cat(_all_gather_rows(text, world_size))
-            samples = len(image)
+            samples, skipped = len(image), reduce(skipped).cpu()
             metrics = (retrieval_metrics(image, text, owner, recall_k) if samples else
                        {f"{d}_retrieval_recall@{k}": math.nan for k in recall_k for d in ("image", "text")})
     finally:
         model.train(was_training)
-    skipped = _all_reduce(skipped, world_size).tolist()
     result = {"metrics": metrics, "samples": samples,
-              "skipped": {r: int(n) for r, n in zip(EVAL_SKIP_REASONS, skipped)}}
-    if rank == 0 and sum(skipped):
-        log.warning("evaluation of '%s' skipped %d sample(s) and scored %d: %s", evalset.root, sum(skipped), samples,
+              "skipped": {r: int(n) for r, n in zip(EVAL_SKIP_REASONS, skipped.tolist())}}
+    total = sum(result["skipped"].values())
+    if rank == 0 and total:
+        log.warning("evaluation of '%s' skipped %d sample(s) and scored %d: %s", evalset.root, total, samples,
                     ", ".join(f"{r}={n}" for r, n in result["skipped"].items() if n))
     if rank == 0 and not samples:
         log.warning("evaluation of '%s' scored no sample: its metrics are NaN", evalset.root)
