@@ -100,7 +100,7 @@ def count_samples(sources: list[list[str]]) -> int:
         if sizes is None:
             raise ValueError(
                 f"no sample count for shards like '{urls[0]}': no sizes.json entry and no img2dataset "
-                "_stats.json beside it. Run `python data_scripts/check_shards.py DIR --write-sizes` "
+                "_stats.json beside it. Run `python -m clip_hvt.data.check --paths DIR --write_sizes true` "
                 "or set the samples per epoch in the data config (--data.train_num_samples N). "
                 "Validation shards need no count: they are read once, to the end.")
         total += sum(sizes.values())
