@@ -21,6 +21,7 @@ import pickle
 import re
 import sys
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Iterator, Literal, Sequence
 
@@ -32,7 +33,8 @@ from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES, OPENAI_IMAGENET_TE
 
 from . import factory
 from .cli import UserError, run
-from .data.decode import IMAGE_KEYS, PICKLE_KEYS, SKIP_REASONS, SkipCounter, SkipSample, TarSamples, decode_image
+from .data.pipeline import eval_loader, normalize_uint8, split_normalize
+from .data.sample import IMAGE_KEYS, MAX_IMAGE_PIXELS, SKIP_REASONS, SkipSample, read_tar
 
 log = logging.getLogger(__name__)
 
@@ -45,9 +47,6 @@ SUPPORTED_LAYOUTS = (
     "caption shards for retrieval (*.tar with an image and txt or json 'captions')")
 BUILTIN_CLASSNAMES = {"imagenet": IMAGENET_CLASSNAMES}
 BUILTIN_TEMPLATES = {"openai": OPENAI_IMAGENET_TEMPLATES, "simple": SIMPLE_IMAGENET_TEMPLATES}
-# What a sample of an evaluation set can be skipped for: the reader's reasons, and ``no_label``
-# (no ``cls``, not an integer, or not a class index).
-EVAL_SKIP_REASONS = (*SKIP_REASONS, "no_label")
 
 
 # ----------------------------------------------------------------------------------------- sets
@@ -61,6 +60,7 @@ class EvalSet:
     files: list[tuple[str, int]] = field(default_factory=list)  # folder layout: (image path, label)
     classnames: list[str] | None = None
     templates: list[str] | None = None  # str.format templates with one ``{}``
+    caption_key: str = "txt"            # retrieval: ``txt`` or ``json.captions`` (all of COCO's captions)
 
     @property
     def name(self) -> str:
@@ -109,6 +109,16 @@ def _tars(directory: Path) -> list[str]:
     return [str(p) for p in sorted(directory.glob("*.tar"), key=lambda p: (len(p.stem), p.stem))]
 
 
+def _caption_key(shard: str) -> str:
+    """``json.captions`` when the first sample carries a list of captions there (clip_hvt's COCO and
+    Flickr shards: all five), else ``txt``."""
+    try:
+        first = next(read_tar(shard), {})
+        return "json.captions" if isinstance(json.loads(first.get("json", b"{}")).get("captions"), list) else "txt"
+    except (SkipSample, ValueError, AttributeError):
+        return "txt"  # an unreadable first sample is counted when the set is read
+
+
 def load_set(root: str | Path, classnames: str | None = None, templates: str | None = None) -> EvalSet:
     """Recognise the set in ``root`` from its layout (``SUPPORTED_LAYOUTS``).
 
@@ -155,6 +165,8 @@ def load_set(root: str | Path, classnames: str | None = None, templates: str | N
             _names(templates or (None if own else "openai"), own, BUILTIN_TEMPLATES, "templates", root), str(root))
         return evalset
     evalset = EvalSet(root, layout, task, shards=shards)
+    if layout == "captions":
+        evalset.caption_key = _caption_key(shards[0])
     if task == CLASSIFICATION:
         evalset.classnames = _names(classnames, found_names, BUILTIN_CLASSNAMES, "class names", root)
         evalset.templates = check_templates(_names(templates, found_templates, BUILTIN_TEMPLATES, "templates", root),
@@ -203,108 +215,41 @@ def load_model(spec: str) -> EvalModel:
 
 
 # ------------------------------------------------------------------------------------- samples
-def _captions(sample: dict) -> list[str]:
-    """All captions of a sample: ``json['captions']`` (clip_hvt's COCO shards) or the ``txt`` lines
-    (CLIP_benchmark's retrieval shards join captions with newlines; a plain caption is one line)."""
-    raw = sample.get("json") if "json" in sample else sample.get("txt")
-    if raw is None:
-        raise SkipSample("no_caption")
+def read_image_file(path: str, labels: dict[str, int], **extra) -> Iterator[dict]:
+    """An image folder's file as a raw sample (image bytes + ``cls`` from its class folder), for the
+    evaluation pipeline's reader; a file that is not an image gives a sample without one (``no_image``)."""
+    ext = path.rsplit(".", 1)[-1].lower()
     try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError:
-        raise SkipSample("caption_not_utf8") from None
-    if "json" in sample:
-        try:
-            captions = json.loads(text).get("captions")
-        except (ValueError, AttributeError):
-            captions = None
-        if not isinstance(captions, list):
-            if "txt" not in sample:
-                raise SkipSample("no_caption")
-            return _captions({"txt": sample["txt"]})
-        captions = [str(c) for c in captions]
-    else:
-        captions = text.splitlines()
-    captions = [c.strip() for c in captions if c.strip()]
-    if not captions:
-        raise SkipSample("empty_caption")
-    return captions
-
-
-def _label(sample: dict, num_classes: int) -> int:
-    try:
-        label = int(sample["cls"].decode("ascii"))
-    except (KeyError, AttributeError, UnicodeDecodeError, ValueError):
-        raise SkipSample("no_label") from None
-    if not 0 <= label < num_classes:
-        raise SkipSample("no_label")
-    return label
-
-
-class _Stream(torch.utils.data.IterableDataset):
-    """One rank's share of a set as batches ``{"image": uint8 or float, "target": labels or caption
-    lists, "skipped": counts}``; with DataLoader workers, each takes a disjoint part of the share.
-
-    Parts are shards ``p::P`` (P = ranks x workers) when there are at least P shards, else every part
-    reads every shard and keeps samples ``p::P``, shard errors then counted by part 0 only.
-    """
-
-    def __init__(self, evalset: EvalSet, transform: Callable, batch_size: int, rank: int, world_size: int,
-                 max_image_pixels: int):
-        self.evalset, self.transform, self.batch_size = evalset, transform, batch_size
-        self.rank, self.world_size, self.max_image_pixels = rank, world_size, max_image_pixels
-
-    def _raw(self, part: int, parts: int, counter: SkipCounter) -> Iterator[dict]:
-        if self.evalset.layout == "folder":
-            for path, label in self.evalset.files[part::parts]:
-                ext = path.rsplit(".", 1)[-1].lower()
-                yield {"__key__": path, "__url__": path, "cls": str(label).encode(),
-                       **({ext: Path(path).read_bytes()} if ext in IMAGE_KEYS else {})}
-            return
-        shards = self.evalset.shards
-        if len(shards) >= parts:
-            yield from TarSamples(counter)({"url": u} for u in shards[part::parts])
-            return
-        shard_counter = counter if part == 0 else SkipCounter(log_first=0, reasons=EVAL_SKIP_REASONS)
-        for index, sample in enumerate(TarSamples(shard_counter)({"url": u} for u in shards)):
-            if index % parts == part:
-                yield sample
-
-    def __iter__(self):
-        info = torch.utils.data.get_worker_info()
-        workers, worker = (info.num_workers, info.id) if info else (1, 0)
-        counter = SkipCounter(reasons=EVAL_SKIP_REASONS)
-        classify = self.evalset.task == CLASSIFICATION
-        num_classes = len(self.evalset.classnames or ())
-        images, targets = [], []
-        for sample in self._raw(self.rank * workers + worker, self.world_size * workers, counter):
-            try:
-                if any(k.rsplit(".", 1)[-1] in PICKLE_KEYS for k in sample):
-                    raise SkipSample("pickle_member")
-                target = _label(sample, num_classes) if classify else _captions(sample)
-                image = decode_image(sample, self.max_image_pixels, draft_size=None)  # PIL's full decode
-            except SkipSample as skip:
-                counter.add(skip.reason, f"{sample.get('__url__', '?')}:{sample.get('__key__', '?')}")
-                continue
-            images.append(self.transform(image))
-            targets.append(target)
-            if len(images) == self.batch_size:
-                yield {"image": torch.stack(images), "target": targets, "skipped": counter.take()}
-                images, targets = [], []
-        yield {"image": torch.stack(images) if images else None, "target": targets, "skipped": counter.take()}
+        data = Path(path).read_bytes()
+    except OSError as err:
+        raise SkipSample("corrupt_shard", f"{path} ({type(err).__name__}: {err})") from None
+    yield {"__key__": path, "__url__": path, **extra, "cls": str(labels[str(Path(path).parent)]).encode(),
+           **({ext: data} if ext in IMAGE_KEYS else {})}
 
 
 def batches(evalset: EvalSet, transform: Callable, batch_size: int, rank: int = 0, world_size: int = 1,
-            num_workers: int = 0, max_image_pixels: int = 64_000_000) -> Iterator[dict]:
-    """This rank's share of ``evalset``, streamed; the last batch of each worker may be short or empty
-    (``image`` None) and carries that worker's remaining skip counts."""
-    # Workers ship uint8 pixels; ToTensor + Normalize run batched here (as the training data module does).
-    split = factory.split_normalize(transform)
-    stream = _Stream(evalset, split[0] if split else transform, batch_size, rank, world_size, max_image_pixels)
-    loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=num_workers)
-    for batch in loader:
-        if split and batch["image"] is not None:
-            batch["image"] = factory.normalize_uint8(batch["image"], *split[1:])
+            num_workers: int = 0, max_image_pixels: int = MAX_IMAGE_PIXELS) -> Iterator[dict]:
+    """This rank's share of ``evalset`` through ``clip_hvt.data.pipeline.eval_loader``: batches of
+    ``image`` (normalised; may be empty: a worker's trailing skips) and ``label`` or ``captions``
+    (every caption of each image), with ``skipped`` counts (``SKIP_REASONS`` order)."""
+    split = split_normalize(transform)  # workers ship uint8, batches are normalised here
+    if evalset.task == CLASSIFICATION:
+        task = dict(task="classification", num_classes=len(evalset.classnames))
+    else:
+        task = dict(task="retrieval", caption_key=evalset.caption_key)
+    if evalset.layout == "folder":
+        urls = [path for path, _ in evalset.files]
+        labels = {str(Path(path).parent): label for path, label in evalset.files}
+        task["read"] = partial(read_image_file, labels=labels)
+    else:
+        urls = evalset.shards
+    for batch in eval_loader(urls, split[0] if split else transform, batch_size, rank=rank, world_size=world_size,
+                             num_workers=num_workers, max_pixels=max_image_pixels, **task):
+        if split and len(batch["image"]):
+            batch["image"] = normalize_uint8(batch["image"], *split[1:])
+        if evalset.layout == "clip_benchmark" and "captions" in batch:  # its captions: one per line of txt
+            batch["captions"] = [[line.strip() for c in caps for line in c.splitlines() if line.strip()]
+                                 for caps in batch["captions"]]
         yield batch
 
 
@@ -387,7 +332,7 @@ def distributed_from_env(device: str) -> tuple[int, int]:
 @torch.no_grad()
 def evaluate_set(model: torch.nn.Module, tokenizer: Callable, transform: Callable, evalset: EvalSet, *,
                  batch_size: int = 64, num_workers: int = 0, recall_k: Sequence[int] = (1, 5, 10),
-                 rank: int = 0, world_size: int = 1, max_image_pixels: int = 64_000_000,
+                 rank: int = 0, world_size: int = 1, max_image_pixels: int = MAX_IMAGE_PIXELS,
                  autocast: torch.autocast | None = None,
                  reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> dict[str, Any]:
     """Evaluate ``model`` on this rank's share of ``evalset``; every rank returns the whole set's
@@ -403,7 +348,7 @@ def evaluate_set(model: torch.nn.Module, tokenizer: Callable, transform: Callabl
     was_training = model.training
     model.eval()
     context = autocast or contextlib.nullcontext()
-    num_skips = len(EVAL_SKIP_REASONS)
+    num_skips = len(SKIP_REASONS)
     stream = batches(evalset, transform, batch_size, rank, world_size, num_workers, max_image_pixels)
     try:
         if evalset.task == CLASSIFICATION:
@@ -416,11 +361,11 @@ def evaluate_set(model: torch.nn.Module, tokenizer: Callable, transform: Callabl
             per_class = 3 + num_skips
             for batch in stream:
                 counts[3:per_class] += batch["skipped"].to(device)
-                if batch["image"] is None:
+                if not len(batch["image"]):
                     continue
                 with context:
                     features = model.encode_image(batch["image"].to(device, dtype), normalize=True)
-                labels = torch.tensor(batch["target"], device=device)
+                labels = batch["label"].to(device)
                 top = (features.float() @ classifier).topk(min(5, num_classes), dim=1).indices
                 hit1 = top[:, 0] == labels
                 counts[0] += hit1.sum()
@@ -438,11 +383,11 @@ def evaluate_set(model: torch.nn.Module, tokenizer: Callable, transform: Callabl
             skipped = torch.zeros(num_skips, dtype=torch.float64, device=device)
             for batch in stream:
                 skipped += batch["skipped"].to(device)
-                if batch["image"] is None:
+                if not len(batch["image"]):
                     continue
-                captions = [c for caps in batch["target"] for c in caps]
-                owner += [offset + i for i, caps in enumerate(batch["target"]) for _ in caps]
-                offset += len(batch["target"])
+                captions = [c for caps in batch["captions"] for c in caps]
+                owner += [offset + i for i, caps in enumerate(batch["captions"]) for _ in caps]
+                offset += len(batch["captions"])
                 with context:
                     images.append(model.encode_image(batch["image"].to(device, dtype), normalize=True).float())
                     texts.append(model.encode_text(tokenizer(captions).to(device), normalize=True).float())
@@ -462,7 +407,7 @@ def evaluate_set(model: torch.nn.Module, tokenizer: Callable, transform: Callabl
     finally:
         model.train(was_training)
     result = {"metrics": metrics, "samples": samples,
-              "skipped": {r: int(n) for r, n in zip(EVAL_SKIP_REASONS, skipped.tolist())}}
+              "skipped": {r: int(n) for r, n in zip(SKIP_REASONS, skipped.tolist())}}
     total = sum(result["skipped"].values())
     if rank == 0 and total:
         log.warning("evaluation of '%s' skipped %d sample(s) and scored %d: %s", evalset.root, total, samples,
@@ -505,7 +450,7 @@ def format_table(rows: list[dict]) -> str:
 def main(model: list[str], data: list[str], out: str | None = None, batch_size: int = 64, num_workers: int = 2,
          recall_k: list[int] = [1, 5, 10], classnames: str | None = None, templates: str | None = None,
          device: str | None = None, precision: Literal["32", "bf16-mixed", "16-mixed"] = "32",
-         max_image_pixels: int = 64_000_000) -> list[dict]:
+         max_image_pixels: int = MAX_IMAGE_PIXELS) -> list[dict]:
     """Evaluate CLIP models on zero-shot classification and retrieval sets, CLIP_benchmark's metrics.
 
     Args:

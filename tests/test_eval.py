@@ -11,22 +11,19 @@ from pathlib import Path
 
 import open_clip
 import pytest
+import yaml
 import torch
 import webdataset as wds
 from open_clip.zero_shot_classifier import build_zero_shot_classifier
 
 from clip_hvt import eval as ev
-from clip_hvt import factory
+from clip_hvt import factory, train
 from clip_hvt.data import synthetic
 from clip_hvt.export import export_model
-from tests.test_datamodule import write_tar
+from tests.conftest import write_tar
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY_CFG = {
-    "embed_dim": 16,
-    "vision_cfg": {"timm_model_name": "pvt_v2_b0", "image_size": 32},
-    "text_cfg": {"context_length": 16, "width": 32, "heads": 2, "layers": 1},
-}
+from tests.conftest import TINY_MODEL_CFG as TINY_CFG
 CLASSNAMES = ["red circle", "blue square", "green triangle", "yellow star", "purple cross", "orange circle"]
 
 
@@ -285,3 +282,31 @@ def test_a_model_that_is_not_an_export_or_checkpoint_stops_with_one_line(export_
     else:
         assert "is not an export directory (with open_clip_config.json), a clip_hvt .ckpt file, or " \
                "OPEN_CLIP_NAME,WEIGHTS_FILE" in text
+
+
+@pytest.mark.slow
+def test_eval_of_a_trained_checkpoint_and_its_export_equals_the_training_time_evaluation(tiny_config, tmp_path,
+                                                                                       monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    shapes = tmp_path / "shapes"
+    sets = [str(shapes / "zeroshot"), str(shapes / "val")]  # zero-shot classification and caption retrieval
+    callbacks = yaml.safe_load(Path(tiny_config).read_text())["trainer"]["callbacks"]
+    for callback in callbacks:
+        if callback["class_path"].endswith("ZeroShotEvaluation"):
+            callback["init_args"] = {"sets": sets, "batch_size": 7}
+    (tmp_path / "sets.yaml").write_text(yaml.safe_dump({"trainer": {"callbacks": callbacks}}))
+    logged = train.main(["--config", tiny_config, "--config", str(tmp_path / "sets.yaml"),
+                         "--data.shapes.root", str(shapes), "--export_dir", "export"])
+    assert logged["zeroshot/zeroshot/samples"] == 30 and logged["zeroshot/val/samples"] == 48
+
+    ckpt = tmp_path / "runs" / "tiny" / "checkpoints" / "last.ckpt"  # saved at the last step, as validated
+    rows = _cli("--model", ckpt, "--model", tmp_path / "export", "--data", sets[0], "--data", sets[1],
+                "--batch_size", 16, "--num_workers", 0, "--out", tmp_path / "eval")
+    assert len(rows) == 4 and len(_read(tmp_path / "eval")) == 4
+    for row in rows:
+        assert row["samples"] == logged[f"zeroshot/{row['dataset']}/samples"]
+        for name, value in row["metrics"].items():
+            assert value == pytest.approx(logged[f"zeroshot/{row['dataset']}/{name}"], abs=1e-6), (row["model"], name)
+    classification = rows[0]["metrics"]
+    assert classification["acc1"] == pytest.approx(logged["zeroshot/zeroshot/top1"], abs=1e-6)
+    assert 0 < classification["acc5"] < 1  # a real, not degenerate, number
