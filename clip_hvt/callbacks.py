@@ -145,5 +145,6 @@ class SkipMonitor(pl.Callback):
         return {"skipped": self.skipped.tolist(), "used": self.used}
 
     def load_state_dict(self, state: dict) -> None:
-        self.skipped = torch.tensor(state["skipped"], dtype=torch.long)
+        counts = state["skipped"] + [0] * (len(SKIP_REASONS) - len(state["skipped"]))  # older runs: fewer reasons
+        self.skipped = torch.tensor(counts, dtype=torch.long)
         self.used = state["used"]

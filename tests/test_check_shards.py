@@ -100,7 +100,7 @@ def test_shard_cut_at_a_member_boundary_is_a_count_mismatch(tmp_path, capsys):
     tar.write_bytes(tar.read_bytes()[:offsets["0005.jpg"]])  # the first member of sample 5 starts here
     assert run_check("--paths", shards) == 1
     out = capsys.readouterr().out
-    assert "count_mismatch: 1" in out and "sizes.json says 10, the shard holds 4 readable samples" in out
+    assert "count_mismatch: 1" in out and "_stats.json says 10, the shard holds 4 readable samples" in out
     assert "corrupt_shard: 1" in out and "no_caption" not in out
 
 

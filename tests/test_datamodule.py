@@ -295,3 +295,14 @@ def test_shapes_data_names_its_zero_shot_set_and_shards_give_none(tmp_path):
     assert WebDataModule(shapes=shapes).zeroshot_sets == [str(tmp_path / "s" / "zeroshot")]
     write_tar(tmp_path / "a.tar", [("x", good("x"))])
     assert WebDataModule(train_shards=str(tmp_path / "a.tar")).zeroshot_sets == []
+
+
+def test_shard_glob_reads_every_match_and_a_glob_matching_nothing_is_named(tmp_path):
+    for i in range(3):
+        write_tar(tmp_path / f"part-{i}.tar", [(f"k{i}", good(f"shard {i}", i))])
+    write_tar(tmp_path / "other.tar", [("o", good("other"))])
+    dm = make_dm(f"{tmp_path}/part-*.tar", val_shards=f"{tmp_path}/part-*.tar", batch_size=1, train_num_samples=3)
+    assert sorted(r for b in dm.val_dataloader() for r in token_rows(b["text"])) == \
+        sorted(token_rows(dm.tokenizer([f"shard {i}" for i in range(3)])))
+    with pytest.raises(FileNotFoundError, match=r"shard pattern '.*typo-\*.tar' matched no files"):
+        make_dm(f"{tmp_path}/typo-*.tar")

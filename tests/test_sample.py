@@ -182,3 +182,16 @@ def test_meta_members_and_upper_case_extensions(tmp_path):
     write_tar(tmp_path / "a.tar", [("__meta__", {"json": b"{}"}), ("x", {"JPG": jpeg(), "txt": b"x"})])
     keys, corrupt, samples = read([tmp_path / "a.tar"])
     assert keys == ["x"] and corrupt == 0 and "jpg" in samples[0]
+
+
+def test_duplicate_member_skips_its_sample_and_meta_members_anywhere_are_ignored(tmp_path):
+    write_tar(tmp_path / "a.tar", [("d", {"jpg": jpeg(), "txt": b"first"}), ("d", {"txt": b"second"}),
+                                   ("dir/__meta__", {"json": b"{}"}), ("ok", {"jpg": jpeg(1), "txt": b"fine"})])
+    keys, corrupt, samples = read([tmp_path / "a.tar"])
+    assert keys == ["d", "ok"] and corrupt == 0
+    out, counts = decode_all([{k: v for k, v in s.items() if k != "__source__"} for s in samples])
+    assert [c for _, c in out] == ["fine"] and counts == {"duplicate_member": 1}
+
+
+def test_every_skip_reason_has_a_one_line_meaning():
+    assert all(meaning and "\n" not in meaning for meaning in SKIP_REASONS.values())

@@ -24,6 +24,7 @@ from tqdm import tqdm
 
 from ..cli import UserError, run
 from .sample import MAX_IMAGE_PIXELS, SkipSample, captions, decode_sample, label, read_tar
+from .shards import shard_sizes
 
 SIZES_FILE = "sizes.json"
 FINDINGS = {
@@ -131,28 +132,21 @@ def _read_json(path: Path):
 
 
 def count_problems(directory, reports: Sequence) -> list:
-    """Shards whose sample count differs from sizes.json (or img2dataset's ``_stats.json``)."""
-    directory = Path(directory)
-    where = str(directory / SIZES_FILE)
-    sizes = _read_json(directory / SIZES_FILE) if (directory / SIZES_FILE).exists() else None
-    if (directory / SIZES_FILE).exists() and not isinstance(sizes, dict):
+    """Shards whose sample count differs from the count training reads (``shards.shard_sizes``)."""
+    where = str(Path(directory) / SIZES_FILE)
+    sizes = _read_json(Path(directory) / SIZES_FILE)
+    if (Path(directory) / SIZES_FILE).exists() and not isinstance(sizes, dict):
         return [Problem("sizes_unreadable", where, SIZES_FILE, "not a JSON object; run with --write_sizes true")]
     problems = []
     for report in reports:
-        name = Path(report.shard).name
-        stats = directory / (name.rsplit(".", 1)[0] + "_stats.json")  # img2dataset layout
-        if sizes is not None and name in sizes:
-            expected, source = sizes[name], SIZES_FILE
-        elif stats.exists():
-            expected, source = (_read_json(stats) or {}).get("successes"), stats.name
-        else:
-            problems.append(Problem("sizes_missing", where, name, "run with --write_sizes true"))
-            continue
-        if expected != report.samples:
-            problems.append(Problem("count_mismatch", report.shard, name,
-                                    f"{source} says {expected}, the shard holds {report.samples} readable samples"))
+        expected = (shard_sizes([report.shard]) or {}).get(report.shard)
+        if expected is None:
+            problems.append(Problem("sizes_missing", where, Path(report.shard).name, "run with --write_sizes true"))
+        elif expected != report.samples:
+            problems.append(Problem("count_mismatch", report.shard, Path(report.shard).name, f"sizes.json / "
+                                    f"_stats.json says {expected}, the shard holds {report.samples} readable samples"))
     for name in sorted(sizes or {}):
-        if not (directory / name).exists():
+        if not (Path(directory) / name).exists():
             problems.append(Problem("count_mismatch", where, name, "listed shard does not exist"))
     return problems
 

@@ -35,7 +35,7 @@ from webdataset.tariterators import base_plus_ext
 
 log = logging.getLogger(__name__)
 
-SKIP_REASONS = {
+SKIP_REASONS = {  # new reasons go at the end: checkpoints of SkipMonitor store counts in this order
     "corrupt_shard": "the shard could not be read to its end: missing, truncated, not a tar, failed open",
     "no_image": "the sample has no jpg/jpeg/png/webp member (or, converting, no readable image file)",
     "undecodable_image": "Pillow cannot decode the image bytes (truncated, not an image)",
@@ -43,8 +43,8 @@ SKIP_REASONS = {
     "no_caption": "the caption member or its JSON field is missing or not a string/list",
     "empty_caption": "the caption is empty or whitespace",
     "caption_not_utf8": "the caption is not UTF-8",
-    "no_label": "a classification sample whose cls is missing, not an integer or not a class index",
     "pickle_member": "a member with a pickle-like suffix: never unpickled, the sample is dropped",
+    "no_label": "a classification sample whose cls is missing, not an integer or not a class index",
     "duplicate_member": "two members with one key and extension in a row: which one is meant is unknown",
 }
 MAX_IMAGE_PIXELS = 64_000_000  # images with more pixels are skipped; 8k x 8k, far above any training size

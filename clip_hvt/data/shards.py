@@ -38,6 +38,7 @@ def expand_sources(spec: str | Sequence[str]) -> list[list[str]]:
     sources = []
     for part in parts:
         urls = list(braceexpand.braceexpand(os.path.expandvars(part.strip())))
+        urls = [match for url in urls for match in _glob(url)]
         local = [u for u in urls if is_local(u)]
         missing = [u for u in local if not os.path.isfile(_local_path(u))]
         if missing and len(missing) == len(urls):
@@ -50,6 +51,13 @@ def expand_sources(spec: str | Sequence[str]) -> list[list[str]]:
     if not sources:
         raise ValueError("empty shard spec: give a path or pattern like 'dir/train-{000000..000009}.tar'")
     return sources
+
+
+def _glob(url: str) -> list[str]:
+    """A local glob ('/data/*.tar') stands for its sorted matches; one matching nothing stays (reported)."""
+    if is_local(url) and glob.has_magic(url):
+        return sorted(glob.glob(_local_path(url))) or [url]
+    return [url]
 
 
 def _no_match_message(pattern: str, urls: list[str]) -> str:
