@@ -113,7 +113,8 @@ def _caption_key(shard: str) -> str:
     """``json.captions`` when the first sample carries a list of captions there (clip_hvt's COCO and
     Flickr shards: all five), else ``txt``."""
     try:
-        first = next(read_tar(shard), {})
+        with contextlib.closing(read_tar(shard)) as samples:
+            first = next(samples, {})
         return "json.captions" if isinstance(json.loads(first.get("json", b"{}")).get("captions"), list) else "txt"
     except (SkipSample, ValueError, AttributeError):
         return "txt"  # an unreadable first sample is counted when the set is read
@@ -318,14 +319,29 @@ def distributed_from_env(device: str) -> tuple[int, int]:
         return dist.get_rank(), dist.get_world_size()
     from lightning.fabric.plugins.environments import SLURMEnvironment, TorchElasticEnvironment
 
-    env = next((e() for e in (TorchElasticEnvironment, SLURMEnvironment) if e.detect()), None)
-    if env is None or env.world_size() == 1:
+    from .slurm import is_slurm_launch
+
+    if TorchElasticEnvironment.detect():
+        env = TorchElasticEnvironment()
+        rank, world_size, address, port = env.global_rank(), env.world_size(), env.main_address, env.main_port
+    elif is_slurm_launch():
+        # Read directly: Lightning's SLURMEnvironment also insists on --ntasks-per-node, which an
+        # evaluation (any number of tasks, any layout) does not need.
+        world_size = int(os.environ.get("SLURM_STEP_NUM_TASKS", os.environ["SLURM_NTASKS"]))
+        if world_size > 1 and "SLURM_STEP_ID" not in os.environ:  # else rank 0 waits forever
+            raise UserError(f"the job has {world_size} tasks but this process was started by the batch script, "
+                            "not by srun, so the other ranks never start: launch with `srun python -m clip_hvt.eval ...`")
+        rank = int(os.environ.get("SLURM_PROCID", 0))
+        address = SLURMEnvironment.resolve_root_node_address(os.environ.get("SLURM_NODELIST", "127.0.0.1"))
+        port = int(os.environ.get("MASTER_PORT", 10000 + int(os.environ.get("SLURM_JOB_ID", 0)) % 10000))  # Lightning's
+    else:
         return 0, 1
-    os.environ.setdefault("MASTER_ADDR", env.main_address)
-    os.environ.setdefault("MASTER_PORT", str(env.main_port))
-    dist.init_process_group("nccl" if device.startswith("cuda") else "gloo", rank=env.global_rank(),
-                            world_size=env.world_size())
-    return env.global_rank(), env.world_size()
+    if world_size == 1:
+        return 0, 1
+    os.environ.setdefault("MASTER_ADDR", address)
+    os.environ.setdefault("MASTER_PORT", str(port))
+    dist.init_process_group("nccl" if device.startswith("cuda") else "gloo", rank=rank, world_size=world_size)
+    return rank, world_size
 
 
 # ---------------------------------------------------------------------------------- evaluation
@@ -471,6 +487,7 @@ def main(model: list[str], data: list[str], out: str | None = None, batch_size: 
     if not model:
         raise UserError("give at least one --model (export directory, .ckpt or OPEN_CLIP_NAME,WEIGHTS_FILE)")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    created = not (dist.is_available() and dist.is_initialized())
     rank, world_size = distributed_from_env(device)
     if device == "cuda" and world_size > 1:
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', os.environ.get('SLURM_LOCALID', 0)))}"
@@ -480,21 +497,25 @@ def main(model: list[str], data: list[str], out: str | None = None, batch_size: 
     if out_dir and rank == 0:
         out_dir.mkdir(parents=True, exist_ok=True)
     rows = []
-    for spec, model_label in zip(model, _labels(model)):
-        loaded = load_model(spec)
-        loaded.model.to(device)
-        for evalset, set_label in zip(sets, _labels([str(s.root) for s in sets])):
-            result = evaluate_set(loaded.model, loaded.tokenizer, loaded.transform, evalset, batch_size=batch_size,
-                                  num_workers=num_workers, recall_k=recall_k, rank=rank, world_size=world_size,
-                                  max_image_pixels=max_image_pixels, autocast=autocast)
-            row = {"dataset": evalset.name, "model": loaded.name, "pretrained": loaded.pretrained,
-                   "task": evalset.task, "metrics": result["metrics"], "language": "en",
-                   "data": str(evalset.root), "layout": evalset.layout, "samples": result["samples"],
-                   "skipped": result["skipped"]}
-            rows.append(row)
-            if out_dir and rank == 0:
-                write_json_atomic(out_dir / f"{set_label}_{model_label}_{evalset.task}.json", row)
-        del loaded
+    try:
+        for spec, model_label in zip(model, _labels(model)):
+            loaded = load_model(spec)
+            loaded.model.to(device)
+            for evalset, set_label in zip(sets, _labels([str(s.root) for s in sets])):
+                result = evaluate_set(loaded.model, loaded.tokenizer, loaded.transform, evalset,
+                                      batch_size=batch_size, num_workers=num_workers, recall_k=recall_k, rank=rank,
+                                      world_size=world_size, max_image_pixels=max_image_pixels, autocast=autocast)
+                row = {"dataset": evalset.name, "model": loaded.name, "pretrained": loaded.pretrained,
+                       "task": evalset.task, "metrics": result["metrics"], "language": "en",
+                       "data": str(evalset.root), "layout": evalset.layout, "samples": result["samples"],
+                       "skipped": result["skipped"]}
+                rows.append(row)
+                if out_dir and rank == 0:
+                    write_json_atomic(out_dir / f"{set_label}_{model_label}_{evalset.task}.json", row)
+            del loaded
+    finally:
+        if created and world_size > 1:
+            dist.destroy_process_group()
     if rank == 0:
         print(format_table(rows))
         if out_dir:

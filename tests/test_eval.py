@@ -310,3 +310,14 @@ def test_eval_of_a_trained_checkpoint_and_its_export_equals_the_training_time_ev
     classification = rows[0]["metrics"]
     assert classification["acc1"] == pytest.approx(logged["zeroshot/zeroshot/top1"], abs=1e-6)
     assert 0 < classification["acc5"] < 1  # a real, not degenerate, number
+
+
+def test_a_multi_task_slurm_job_not_launched_by_srun_stops_instead_of_waiting(export_dir, tmp_path, monkeypatch):
+    for name in [k for k in os.environ if k.startswith(("SLURM_", "TORCHELASTIC_"))] + ["GROUP_RANK", "LOCAL_RANK"]:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("SLURM_NTASKS", "4")
+    monkeypatch.setenv("SLURM_JOB_NAME", "eval")
+    zs, _ = _mixed_sets(tmp_path)
+    with pytest.raises(SystemExit) as exc:
+        _cli("--model", export_dir, "--data", zs)
+    assert "the job has 4 tasks but this process was started by the batch script, not by srun" in str(exc.value.code)
