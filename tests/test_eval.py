@@ -321,3 +321,15 @@ def test_a_multi_task_slurm_job_not_launched_by_srun_stops_instead_of_waiting(ex
     with pytest.raises(SystemExit) as exc:
         _cli("--model", export_dir, "--data", zs)
     assert "the job has 4 tasks but this process was started by the batch script, not by srun" in str(exc.value.code)
+
+
+def test_an_open_clip_name_with_local_weights_scores_like_the_export_of_those_weights(export_dir, tmp_path):
+    (tmp_path / "configs").mkdir()
+    (tmp_path / "configs" / "clip-hvt-test-tiny.json").write_text(json.dumps(TINY_CFG))
+    open_clip.add_model_config(tmp_path / "configs")  # as a model name shipped with open_clip would be
+    zs, rt = _mixed_sets(tmp_path)
+    rows = _cli("--model", f"clip-hvt-test-tiny,{export_dir / 'open_clip_model.safetensors'}", "--model", export_dir,
+                "--data", zs, "--data", rt, "--num_workers", 0)
+    assert [(r["model"], r["pretrained"]) for r in rows[:2]] == [
+        ("clip-hvt-test-tiny", str(export_dir / "open_clip_model.safetensors"))] * 2
+    assert [r["metrics"] for r in rows[:2]] == [r["metrics"] for r in rows[2:]]
