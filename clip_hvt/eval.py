@@ -45,6 +45,7 @@ SUPPORTED_LAYOUTS = (
     "zeroshot_classification_templates.txt; or dataset_type.txt 'retrieval' with txt captions, one per line); "
     "an image folder (one sub-folder of images per class; optional classnames.json, templates.json); "
     "caption shards for retrieval (*.tar with an image and txt or json 'captions')")
+TEXT_BATCH = 1024  # prompts per text-tower forward pass when building a zero-shot classifier
 BUILTIN_CLASSNAMES = {"imagenet": IMAGENET_CLASSNAMES}
 BUILTIN_TEMPLATES = {"openai": OPENAI_IMAGENET_TEMPLATES, "simple": SIMPLE_IMAGENET_TEMPLATES}
 
@@ -369,8 +370,10 @@ def evaluate_set(model: torch.nn.Module, tokenizer: Callable, transform: Callabl
     try:
         if evalset.task == CLASSIFICATION:
             with context:
-                classifier = build_zero_shot_classifier(model, tokenizer, evalset.classnames, evalset.templates,
-                                                        num_classes_per_batch=None, device=device).float()
+                # class x template prompts encoded ~1024 at a time: ImageNet's 80 templates make 80,000
+                classifier = build_zero_shot_classifier(
+                    model, tokenizer, evalset.classnames, evalset.templates, device=device,
+                    num_classes_per_batch=max(1, TEXT_BATCH // len(evalset.templates))).float()
             num_classes = len(evalset.classnames)
             # top-1 hits, top-5 hits, samples, skips by reason, then per class: samples, top-1 hits
             counts = torch.zeros(3 + num_skips + 2 * num_classes, dtype=torch.float64, device=device)
