@@ -49,18 +49,42 @@ def explain(parser: jsonargparse.ArgumentParser, err: Exception) -> str:
     return message
 
 
-def run(command: Callable[..., Any], args: list[str] | None = None, prog: str | None = None) -> Any:
-    """Parse ``args`` (default ``sys.argv[1:]``) into ``command``'s typed parameters and call it."""
+# Top-level keys of a training config that a command reading only its ``model`` section accepts and ignores.
+TRAIN_ONLY = ("seed_everything", "trainer", "data", "checkpoint", "ckpt_path", "export_dir", "final_validation")
+
+
+def run(command: Callable[..., Any], args: list[str] | None = None, prog: str | None = None,
+        train_config: bool = False) -> Any:
+    """Parse ``args`` (default ``sys.argv[1:]``) into ``command``'s typed parameters and call it.
+
+    ``train_config``: ``command`` takes ``model_cfg`` (open_clip's dict) and reads the training config
+    files as they are: ``--model.*`` is ``CLIPModule``'s section (``--model.model_cfg.vision_cfg.image_size
+    96``), the other sections of a training config are accepted and ignored.
+    """
     args = list(sys.argv[1:] if args is None else args)
     debug = "--debug" in args
     if debug:
         args.remove("--debug")
     prog = prog or f"python -m {command.__module__}"
-    parser = jsonargparse.auto_parser(command, as_positional=False, prog=prog, exit_on_error=False,
-                                      epilog="--debug: show the traceback of an error")
+    parser = jsonargparse.ArgumentParser(prog=prog, exit_on_error=False, description=inspect.getdoc(command),
+                                         epilog="--debug: show the traceback of an error")
+    parser.add_argument("--config", action=jsonargparse.ActionConfigFile, help="a config file (repeatable)")
+    parser.add_function_arguments(command, as_positional=False, skip={"model_cfg"} if train_config else None)
+    if train_config:
+        from .module import CLIPModule  # the model section of the training CLI, its types and defaults
+
+        parser.add_class_arguments(CLIPModule, "model", instantiate=False)
+        for key in TRAIN_ONLY:
+            parser.add_argument(f"--{key}", type=Any, default=None, help="(training only; ignored here)")
     try:
-        init = parser.instantiate(parser.parse_args(args))
-        return command(**{name: init[name] for name in inspect.signature(command).parameters if name in init})
+        config = parser.parse_args(args)
+        init = parser.instantiate(config)
+        kwargs = {name: init[name] for name in inspect.signature(command).parameters if name in init}
+        if train_config:
+            from .config import to_open_clip
+
+            kwargs["model_cfg"] = to_open_clip(config.model.model_cfg)
+        return command(**kwargs)
     except argparse.ArgumentError as err:
         if debug:
             raise

@@ -103,7 +103,9 @@ def _summary(metrics: dict, export_dir: str | None) -> str:
 def _build(args: list[str] | None) -> CLI:
     cli = CLI(CLIPModule, WebDataModule, run=False, args=args, seed_everything_default=0,
               save_config_kwargs={"overwrite": True}, auto_configure_optimizers=False,
-              parser_kwargs={"exit_on_error": False, "prog": PROG})
+              parser_kwargs={"exit_on_error": False, "prog": PROG},
+              # hparams from CLIPModule's own save_hyperparameters (open_clip's dict), not the parsed namespace
+              load_from_checkpoint_support=False)
     slurm.check_trainer(cli.trainer)  # tasks vs devices, nodes vs num_nodes: fail before any rank waits
     # Always on, whatever the config lists: skipped samples counted and a broken data set stopped;
     # the pre-timeout signal handled safely (Lightning's own SIGUSR1 save can deadlock DDP).

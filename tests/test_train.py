@@ -100,7 +100,7 @@ def test_unknown_model_cfg_key_suggests_the_right_one(tiny_config, in_tmp):
     with pytest.raises(SystemExit) as exc:
         _run(tiny_config, in_tmp / "shapes", "--model.model_cfg.text_cfg.widht", "32")
     message = str(exc.value.code)
-    assert "'widht' (did you mean 'width'?)" in message and "Valid keys" in message
+    assert "text_cfg.widht' (did you mean 'width'?)" in message and "Valid keys under 'model.model_cfg.text_cfg'" in message
 
 
 def test_print_config_shows_linked_model_cfg(tiny_config, in_tmp, capsys):
