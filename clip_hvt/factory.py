@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
+import warnings
 from typing import Any
 
 import open_clip
@@ -79,16 +80,33 @@ def create_model(model_cfg: dict, image_weights: str | None = None) -> torch.nn.
 
 
 def check_image_size(model: torch.nn.Module, model_cfg: dict) -> None:
-    """Run the image tower once on a blank image so a size its strides cannot take fails before training."""
+    """Fail before training on an image size the image tower cannot take, or whose border pixels its
+    patch embedding would drop (a non-overlapping patch conv that does not divide the size); warn
+    where the tower pads instead. Then run the tower once on a blank image of that size."""
     size = model_cfg["vision_cfg"].get("image_size", 224)
     height, width = (size, size) if isinstance(size, int) else size
+    name = model_cfg["vision_cfg"].get("timm_model_name") or "the open_clip ViT image tower"
+    owner, conv = next(((m, c) for m in model.visual.modules() for c in m.children()
+                        if isinstance(c, torch.nn.Conv2d)), (None, None))
+    if conv is not None and conv.kernel_size == conv.stride and conv.padding in (0, (0, 0), "valid"):
+        patch = conv.stride
+        if height % patch[0] or width % patch[1]:
+            fit = f"{height - height % patch[0]} or {height - height % patch[0] + patch[0]}"
+            if getattr(owner, "dynamic_img_pad", False):
+                warnings.warn(f"vision_cfg.image_size {size}: {name} pads it to a multiple of its patch size "
+                              f"{patch[0]}; {fit} wastes nothing")
+            else:
+                raise ValueError(f"vision_cfg.image_size {size} is not a multiple of the patch size {patch[0]} of "
+                                 f"{name}: its border pixels would be dropped. Use a multiple, e.g. {fit}")
     was_training = model.visual.training
     try:
         with torch.no_grad():
             model.visual.eval()(torch.zeros(1, 3, height, width))
-    except (RuntimeError, ValueError) as err:
-        name = model_cfg["vision_cfg"].get("timm_model_name") or "the ViT image tower"
-        raise ValueError(f"vision_cfg.image_size {size} does not fit {name}: {err}") from None
+    except (RuntimeError, ValueError, AssertionError) as err:  # timm asserts fixed-size inputs
+        trunk = getattr(model.visual, "trunk", None)
+        default = getattr(trunk, "pretrained_cfg", {}).get("input_size", (None, 224))[-1]
+        raise ValueError(f"vision_cfg.image_size {size} does not fit {name} ({err}); "
+                         f"use a size it takes, e.g. its default {default}") from None
     finally:
         model.visual.train(was_training)
 

@@ -1,0 +1,134 @@
+"""The commands as a user drives them: the typed model config, one run directory, and every input a user
+can get wrong ending in one line that names the problem and the fix."""
+import json
+import os
+import pickle
+import stat
+from pathlib import Path
+
+import pytest
+import torch
+
+from clip_hvt import cli, export, summary, train
+from clip_hvt.convert_cvt import main as convert_main
+from clip_hvt.factory import create_model
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = str(ROOT / "tests" / "configs" / "tiny.yaml")
+REFERENCES = sorted((ROOT / "tests" / "data" / "open_clip_configs").glob("*.json"))
+CONFIG_FILES = {"quickstart": ["configs/quickstart.yaml"], "cpu_ddp": ["configs/cpu_ddp.yaml"], "tiny": [TINY]}
+TINY_TEXT = {"context_length": 16, "width": 32, "heads": 2, "layers": 1}
+
+
+def model_cfg(*args: str) -> dict:
+    """open_clip's dict for a training command line, parsed as every command parses it."""
+    def cfg(model_cfg: dict) -> dict:
+        """Return the model config."""
+        return model_cfg
+    return cli.run(cfg, list(args), train_config=True)
+
+
+def one_line_error(fn, *args) -> str:
+    with pytest.raises(SystemExit) as exc:
+        fn(*args)
+    message = str(exc.value.code)
+    assert "\n" not in message and "Traceback" not in message
+    return message
+
+
+@pytest.mark.parametrize("reference", REFERENCES, ids=lambda p: p.stem)
+def test_export_of_the_typed_config_equals_the_untyped_export_byte_for_byte(reference, tmp_path):
+    # The references were written by main's (untyped, dict) export code before the typed config.
+    files = CONFIG_FILES.get(reference.stem, [f"configs/models/{reference.stem}.yaml"])
+    args = [a for f in files for a in ("--config", str(ROOT / f))]
+    export.export_state_dict({}, model_cfg(*args), tmp_path)
+    assert (tmp_path / export.CONFIG_NAME).read_bytes() == reference.read_bytes()
+
+
+def test_dotted_overrides_change_one_field_each():
+    base = model_cfg("--config", TINY)
+    assert base == {"embed_dim": 32, "vision_cfg": {"image_size": 32, "timm_model_name": "pvt_v2_b0"},
+                    "text_cfg": TINY_TEXT}
+    changed = model_cfg("--config", TINY, "--model.model_cfg.vision_cfg.image_size", "96",
+                        "--model.model_cfg.embed_dim", "256", "--model.model_cfg.text_cfg.layers", "2")
+    assert changed == {"embed_dim": 256, "vision_cfg": {"image_size": 96, "timm_model_name": "pvt_v2_b0"},
+                       "text_cfg": {**TINY_TEXT, "layers": 2}}
+    assert model_cfg("--config", TINY, "--model.model_cfg.vision_cfg.image_size", "[64, 96]")["vision_cfg"][
+        "image_size"] == [64, 96]
+
+
+def test_repeated_config_files_merge_field_by_field_and_model_files_share_the_text_tower(tmp_path):
+    override = tmp_path / "override.yaml"
+    override.write_text("model:\n  model_cfg:\n    vision_cfg:\n      image_size: 64\n    text_cfg:\n      layers: 6\n")
+    cfg = model_cfg("--config", str(ROOT / "configs/models/cvt_13_ms.yaml"), "--config", str(override))
+    assert cfg["vision_cfg"] == {"image_size": 64, "timm_model_name": "cvt_13_ms", "timm_pool": "attn",
+                                 "timm_proj": "linear", "timm_drop_path": 0.1}
+    assert cfg["text_cfg"] == {"context_length": 77, "vocab_size": 49408, "width": 512, "heads": 8, "layers": 6}
+    for path in (ROOT / "configs" / "models").glob("*.yaml"):
+        assert "text_cfg: ../text/" in path.read_text(), path  # the text tower lives once, in configs/text
+
+
+def test_print_config_shows_every_field(capsys):
+    with pytest.raises(SystemExit) as exc:
+        summary.main(["--config", TINY, "--print_config"])
+    assert exc.value.code in (0, None)
+    out = capsys.readouterr().out
+    assert "timm_model_name: pvt_v2_b0" in out and "patch_dropout: null" in out and "hf_model_name: null" in out
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["--model.model_cfg.vision_cfg.image_sise", "96"],
+     "unknown key 'model.model_cfg.vision_cfg.image_sise' (did you mean 'image_size'?)"),
+    (["--model.model_cfg.vision_cfg.image_size", "big"], 'Parser key "model.model_cfg.vision_cfg.image_size"'),
+    (["--model.model_cfg.embed_dim", "wide"], 'Parser key "model.model_cfg.embed_dim"'),
+    (["--model.model_cfg.vision_cfg.timm_model_name", "pvt_v2_b9"], "unknown image encoder 'pvt_v2_b9'"),
+], ids=["unknown-key", "image-size-type", "embed-dim-type", "unknown-encoder"])
+def test_a_wrong_model_flag_ends_in_one_line(args, expected):
+    message = one_line_error(summary.main, ["--config", TINY, "--steps", "0", *args])
+    assert message.startswith("python -m clip_hvt.summary: error: ") and expected in message
+
+
+def test_an_unknown_key_in_a_config_file_gets_did_you_mean(tmp_path):
+    typo = tmp_path / "typo.yaml"
+    typo.write_text("model:\n  model_cfg:\n    text_cfg:\n      widht: 64\n")
+    message = one_line_error(summary.main, ["--config", TINY, "--config", str(typo)])
+    assert "unknown key 'model.model_cfg.text_cfg.widht' (did you mean 'width'?)" in message
+
+
+@pytest.mark.parametrize("pool", ["attn", "avg", "concat:grid=2"])
+def test_summary_works_for_multiscale_models_with_every_pooling(pool, capsys):
+    summary.main(["--config", str(ROOT / "configs/models/pvt_v2_b0_ms.yaml"), "--steps", "0",
+                  "--model.model_cfg.vision_cfg.image_size", "64", "--model.model_cfg.vision_cfg.timm_pool", pool])
+    out = capsys.readouterr().out
+    assert "pvt_v2_b0_ms @ 64x64" in out and "stage 3: [1, 256, 2, 2]" in out
+
+
+def test_summary_reads_the_readme_example_config(capsys):
+    summary.main(["--config", str(ROOT / "configs/gpu.yaml"), "--config", str(ROOT / "configs/models/cvt_13_ms.yaml"),
+                  "--model.model_cfg.vision_cfg.image_size", "64", "--steps", "0"])
+    assert "cvt_13_ms @ 64x64" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("vision, expected", [
+    ({"timm_model_name": "swin_tiny_patch4_window7_224_ms", "timm_pool": "attn", "image_size": 64},
+     "vision_cfg.image_size 64 does not fit swin_tiny_patch4_window7_224_ms"),
+    ({"layers": 1, "width": 64, "head_width": 32, "patch_size": 16, "image_size": 72},
+     "vision_cfg.image_size 72 is not a multiple of the patch size 16 of the open_clip ViT image tower: its "
+     "border pixels would be dropped. Use a multiple, e.g. 64 or 80"),
+    ({"timm_model_name": "convnext_atto", "image_size": 70}, "not a multiple of the patch size 4 of convnext_atto"),
+], ids=["swin-64", "vit16-72", "convnext-70"])
+def test_an_image_size_the_tower_cannot_take_is_an_error_before_training(vision, expected):
+    with pytest.raises(ValueError, match="image_size") as exc:
+        create_model({"embed_dim": 32, "vision_cfg": vision, "text_cfg": TINY_TEXT})
+    assert expected in str(exc.value)
+
+
+def test_an_image_size_the_tower_pads_is_a_warning():
+    import timm
+    from types import SimpleNamespace
+
+    from clip_hvt.factory import check_image_size
+    padding_vit = timm.create_model("vit_tiny_patch16_224", num_classes=0, img_size=72, dynamic_img_size=True,
+                                    dynamic_img_pad=True, depth=1)
+    with pytest.warns(UserWarning, match="pads it to a multiple of its patch size 16; 64 or 80 wastes nothing"):
+        check_image_size(SimpleNamespace(visual=padding_vit), {"vision_cfg": {"image_size": 72, "timm_model_name": "vit"}})
