@@ -132,3 +132,91 @@ def test_an_image_size_the_tower_pads_is_a_warning():
                                     dynamic_img_pad=True, depth=1)
     with pytest.warns(UserWarning, match="pads it to a multiple of its patch size 16; 64 or 80 wastes nothing"):
         check_image_size(SimpleNamespace(visual=padding_vit), {"vision_cfg": {"image_size": 72, "timm_model_name": "vit"}})
+
+
+def _tiny_checkpoint(path: Path) -> Path:
+    from clip_hvt.module import CLIPModule
+    module = CLIPModule({"embed_dim": 32, "vision_cfg": {"timm_model_name": "pvt_v2_b0", "image_size": 32},
+                         "text_cfg": TINY_TEXT})  # a plain dict still works from Python
+    torch.save({"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams)}, path)
+    return path
+
+
+class NotATensor:
+    pass
+
+
+@pytest.mark.parametrize("content, expected", [
+    (None, "checkpoint '{path}' does not exist; give a .ckpt written by clip_hvt.train"),
+    (b"not a checkpoint at all", "is not a Lightning checkpoint written by clip_hvt.train"),
+    ("pickle", "is not a Lightning checkpoint written by clip_hvt.train; give one from the run's checkpoints "
+               "directory (e.g. runs/NAME/checkpoints/last.ckpt) (UnpicklingError while reading it safely)"),
+    ("weights", "(e.g. runs/NAME/checkpoints/last.ckpt) (it has no hyper_parameters.model_cfg and state_dict)"),
+], ids=["missing", "garbage", "unsafe-pickle", "plain-weights"])
+def test_export_of_a_file_that_is_not_a_checkpoint_ends_in_one_line(content, expected, tmp_path):
+    path = tmp_path / "model.ckpt"
+    if content == "pickle":
+        path.write_bytes(pickle.dumps({"state_dict": NotATensor()}))
+    elif content == "weights":
+        torch.save({"weight": torch.zeros(2)}, path)
+    elif content is not None:
+        path.write_bytes(content)
+    message = one_line_error(export.main, ["--ckpt", str(path), "--out", str(tmp_path / "out")])
+    assert message.startswith("python -m clip_hvt.export: error: ")
+    assert expected.format(path=path) in message and "weights_only=False" not in message
+
+
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o002, 0o664), (0o077, 0o600)])
+def test_export_honours_the_umask(umask, mode, tmp_path):
+    ckpt = _tiny_checkpoint(tmp_path / "tiny.ckpt")
+    old = os.umask(umask)
+    try:
+        out = export.main(["--ckpt", str(ckpt), "--out", str(tmp_path / "out")])
+    finally:
+        os.umask(old)
+    for name in (export.CONFIG_NAME, export.WEIGHTS_NAME):
+        assert stat.S_IMODE((out / name).stat().st_mode) == mode, name
+
+
+def test_convert_cvt_errors_end_in_one_line(tmp_path):
+    prog = "python -m clip_hvt.convert_cvt: error: "
+    assert one_line_error(convert_main, ["--src", str(tmp_path / "nope.bin"), "--out", str(tmp_path / "x.safetensors"),
+                                         "--model", "cvt_13"]) == f"{prog}No checkpoint at {tmp_path / 'nope.bin'}; " \
+        "give a .safetensors/.bin/.pth file or a local HF model directory."
+    assert one_line_error(convert_main, ["--src", str(tmp_path), "--out", str(tmp_path / "x.pt"), "--model", "cvt_13"]) \
+        == f"{prog}--out must end in .safetensors, got {tmp_path / 'x.pt'}"
+    assert "Expected a typing.Literal['cvt_13', 'cvt_21', 'cvt_w24']. Got value: cvt_99" in one_line_error(convert_main, ["--src", str(tmp_path), "--out", "x.safetensors",
+                                                              "--model", "cvt_99"])
+
+
+def test_one_run_directory_places_checkpoints_logs_and_export(tmp_path):
+    root = tmp_path / "runs" / "mine"
+    built = train.build(["--config", TINY, "--data.shapes.root", str(tmp_path / "shapes"),
+                         "--trainer.default_root_dir", str(root), "--checkpoint.every_n_train_steps", "7",
+                         "--export_dir", "true"])
+    checkpoint = built.trainer.checkpoint_callback
+    assert checkpoint.dirpath == str(root / "checkpoints")
+    assert built.config.checkpoint.every_n_train_steps == 7
+    assert built.trainer.logger.save_dir == str(root)
+    assert built.config.export_dir == str(root / "export")
+
+
+def test_the_logger_save_dir_is_the_run_directory(tmp_path):
+    message = one_line_error(train.main, ["--config", TINY, "--trainer.logger.init_args.save_dir", str(tmp_path)])
+    assert "set --trainer.default_root_dir instead of the logger's save_dir" in message
+
+
+def test_resume_from_last_without_a_checkpoint_says_it_starts_from_step_0(tmp_path):
+    built = train.build(["--config", TINY, "--data.shapes.root", str(tmp_path / "shapes"),
+                         "--trainer.default_root_dir", str(tmp_path / "run")])
+    assert train.resume_notice(built.trainer, "last") == \
+        f"python -m clip_hvt.train: no checkpoint in {tmp_path / 'run' / 'checkpoints'}, starting from step 0"
+    (tmp_path / "run" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "run" / "checkpoints" / "last.ckpt").write_bytes(b"")
+    assert train.resume_notice(built.trainer, "last") is None
+
+
+def test_resume_from_a_path_that_does_not_exist_ends_in_one_line(tmp_path):
+    message = one_line_error(train.main, ["--config", TINY, "--data.shapes.root", str(tmp_path / "shapes"),
+                                          "--ckpt_path", str(tmp_path / "nope.ckpt")])
+    assert f"--ckpt_path '{tmp_path / 'nope.ckpt'}' is not a file" in message
