@@ -46,6 +46,8 @@ def explain(parser: jsonargparse.ArgumentParser, err: Exception) -> str:
         message = (f"unknown key '{key}'" + (f" (did you mean '{close[0]}'?)" if close else "")
                    + (f". Valid keys under '{prefix}': {', '.join(siblings)}" if siblings and prefix else "")
                    + " (--help lists every option)")
+    if "required: model.model_cfg" in message:
+        message += "; give a model config, e.g. --config configs/models/pvt_v2_b0.yaml"
     return message
 
 

@@ -17,6 +17,15 @@ from . import cli, factory
 from .cli import UserError
 
 
+def model_cfg_from_configs(args: list[str]) -> dict:
+    """open_clip's model config dict from training config files and flags (``["--config", FILE, ...]``),
+    parsed as every command parses them."""
+    def model_cfg(model_cfg: dict) -> dict:
+        """The model config of a training config."""
+        return model_cfg
+    return cli.run(model_cfg, args, prog="clip_hvt.summary.model_cfg_from_configs", train_config=True)
+
+
 def _params(module: torch.nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 

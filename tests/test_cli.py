@@ -22,10 +22,7 @@ TINY_TEXT = {"context_length": 16, "width": 32, "heads": 2, "layers": 1}
 
 def model_cfg(*args: str) -> dict:
     """open_clip's dict for a training command line, parsed as every command parses it."""
-    def cfg(model_cfg: dict) -> dict:
-        """Return the model config."""
-        return model_cfg
-    return cli.run(cfg, list(args), train_config=True)
+    return summary.model_cfg_from_configs(list(args))
 
 
 def one_line_error(fn, *args) -> str:
