@@ -58,17 +58,28 @@ class ModelCfg:
 
 
 def to_open_clip(cfg: Any) -> dict:
-    """The open_clip JSON dict of a ``ModelCfg`` (or its parsed namespace): the fields that are set, in
-    open_clip's field order. A plain dict (a Python caller's, or a checkpoint's) is returned as it is."""
+    """The open_clip JSON dict of a ``ModelCfg`` (or its parsed namespace, or a dict): the fields that are
+    set, in open_clip's field order.
+
+    One completion: a Hugging Face text tower (``hf_model_name``) without ``hf_tokenizer_name`` gets its
+    model's tokenizer named, because ``open_clip.get_tokenizer`` picks a Hugging Face tokenizer only by
+    ``hf_tokenizer_name`` (without it, CLIP's BPE): so training and the export tokenize alike.
+    """
     if isinstance(cfg, dict):
-        return cfg
-    data = cfg.as_dict() if hasattr(cfg, "as_dict") else dataclasses.asdict(cfg)
-    out = {}
-    for key, value in data.items():
-        if key in ("vision_cfg", "text_cfg"):
-            value = {k: _plain(v) for k, v in (value or {}).items() if v is not None and not k.startswith("__")}
-        if value is not None:
-            out[key] = _plain(value)
+        out = dict(cfg)
+    elif not (dataclasses.is_dataclass(cfg) or hasattr(cfg, "as_dict")):
+        return cfg  # not a config at all: factory.validate_model_cfg says what is expected
+    else:
+        data = cfg.as_dict() if hasattr(cfg, "as_dict") else dataclasses.asdict(cfg)
+        out = {}
+        for key, value in data.items():
+            if key in ("vision_cfg", "text_cfg"):
+                value = {k: _plain(v) for k, v in (value or {}).items() if v is not None and not k.startswith("__")}
+            if value is not None:
+                out[key] = _plain(value)
+    text = out.get("text_cfg")
+    if isinstance(text, dict) and text.get("hf_model_name") and not text.get("hf_tokenizer_name"):
+        out["text_cfg"] = {**text, "hf_tokenizer_name": text["hf_model_name"]}
     return out
 
 

@@ -12,6 +12,7 @@ import pickle
 from pathlib import Path
 
 import torch
+from open_clip.tokenizer import HFTokenizer
 from safetensors.torch import save
 
 from . import cli, factory
@@ -31,6 +32,9 @@ def export_state_dict(state: dict[str, torch.Tensor], model_cfg, out_dir: str | 
     # safetensors' save_file creates its file mode 0600 whatever the umask; write_bytes honours it.
     (out / WEIGHTS_NAME).write_bytes(save(state, metadata={"format": "pt"}))
     (out / CONFIG_NAME).write_text(json.dumps(config, indent=2))
+    tokenizer = factory.create_tokenizer(model_cfg)
+    if isinstance(tokenizer, HFTokenizer):  # open_clip's local-dir loads a Hugging Face tokenizer from the dir
+        tokenizer.save_pretrained(str(out))
     return out
 
 

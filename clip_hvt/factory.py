@@ -22,6 +22,8 @@ from open_clip.transform import PreprocessCfg
 
 import clip_hvt  # noqa: F401  (registers our timm models before any name lookup)
 
+from .config import to_open_clip
+
 _TOP_KEYS = {"embed_dim", "vision_cfg", "text_cfg", "quick_gelu", "init_logit_scale", "init_logit_bias",
              "custom_text", "output_dict", "nonscalar_logit_scale"}
 _VISION_KEYS = {f.name for f in dataclasses.fields(CLIPVisionCfg)}
@@ -67,6 +69,7 @@ def create_model(model_cfg: dict, image_weights: str | None = None) -> torch.nn.
     ``image_weights``: a local timm-layout checkpoint for the image trunk (e.g. PVTv2 ImageNet
     weights, or a CvT converted by ``clip_hvt.convert_cvt``); loaded with ``weights_only``.
     """
+    model_cfg = to_open_clip(model_cfg)
     validate_model_cfg(model_cfg)
     cfg = copy.deepcopy(model_cfg)
     custom_text = cfg.pop("custom_text", False) or "hf_model_name" in cfg["text_cfg"]
@@ -160,12 +163,12 @@ def normalize_uint8(images: torch.Tensor, mean, std) -> torch.Tensor:
 
 
 def create_tokenizer(model_cfg: dict):
-    """The tokenizer ``open_clip.get_tokenizer`` returns for this config (same rules, from a dict)."""
-    text = model_cfg["text_cfg"]
+    """The tokenizer ``open_clip.get_tokenizer('local-dir:EXPORT')`` returns for this config: the same rules
+    (``hf_tokenizer_name`` picks a Hugging Face tokenizer, else CLIP's BPE), from a dict."""
+    text = to_open_clip(model_cfg)["text_cfg"]
     context_length = text.get("context_length", open_clip.tokenizer.DEFAULT_CONTEXT_LENGTH)
     kwargs = dict(text.get("tokenizer_kwargs") or {})
-    name = text.get("hf_tokenizer_name") or text.get("hf_model_name")
-    if name:
-        return open_clip.tokenizer.HFTokenizer(name, context_length=context_length,
+    if text.get("hf_tokenizer_name"):
+        return open_clip.tokenizer.HFTokenizer(text["hf_tokenizer_name"], context_length=context_length,
                                                tokenizer_mode=text.get("tokenizer_mode"), **kwargs)
     return open_clip.tokenizer.SimpleTokenizer(context_length=context_length, **kwargs)
