@@ -2,8 +2,9 @@
 
 Lightning's ``LightningCLI`` without subcommands (``run=False``): repeated ``--config``, dotted
 overrides, ``--print_config``. One run directory, ``trainer.default_root_dir``: checkpoints go to
-``<dir>/checkpoints`` (``--checkpoint.*`` sets the always-on ``ModelCheckpoint``), the logger writes
-under ``<dir>`` unless its ``save_dir`` is given, and ``--export_dir true`` exports to ``<dir>/export``.
+``<dir>/checkpoints`` unless ``--checkpoint.dirpath`` is given (``--checkpoint.*`` sets the always-on
+``ModelCheckpoint``), the logger writes under ``<dir>`` (its ``save_dir`` is linked to it), and
+``--export_dir true`` exports to ``<dir>/export``.
 After ``fit`` it runs a final validation (zero-shot and retrieval) and, with ``--export_dir``, writes
 the open_clip export. Bad input ends in one line (``--debug``: the traceback).
 """
