@@ -42,7 +42,7 @@ def explain(parser: jsonargparse.ArgumentParser, err: Exception) -> str:
             known = []
         siblings = sorted({k[len(prefix) + 1:].split(".")[0] for k in known if k.startswith(f"{prefix}.")} if prefix
                           else {k.split(".")[0] for k in known})
-        close = difflib.get_close_matches(name, siblings, n=1)
+        close = difflib.get_close_matches(name, siblings, n=1, cutoff=0.5)
         message = (f"unknown key '{key}'" + (f" (did you mean '{close[0]}'?)" if close else "")
                    + (f". Valid keys under '{prefix}': {', '.join(siblings)}" if siblings and prefix else "")
                    + " (--help lists every option)")
