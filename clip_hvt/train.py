@@ -17,6 +17,7 @@ import sys
 import warnings
 
 from lightning.pytorch.callbacks import ModelCheckpoint
+from jsonargparse import Namespace
 from lightning.pytorch.cli import LightningCLI
 
 from . import slurm
@@ -75,6 +76,13 @@ class CLI(LightningCLI):
         root = config.trainer.default_root_dir
         if config.checkpoint.dirpath is None:
             config.checkpoint.dirpath = os.path.join(root, "checkpoints")
+        # Rich's bar (Lightning's pick when rich is installed) shows max_epochs - 1, "Epoch 0/-2", for a
+        # run bounded by max_steps; TQDM's shows the epoch alone.
+        callbacks = config.trainer.callbacks or []
+        if config.trainer.enable_progress_bar is not False and not any(
+                "ProgressBar" in str(getattr(c, "class_path", "")) for c in callbacks):
+            config.trainer.callbacks = [*callbacks, Namespace(class_path="lightning.pytorch.callbacks.TQDMProgressBar",
+                                                              init_args=Namespace(refresh_rate=1))]
         if config.export_dir is True:
             config.export_dir = os.path.join(root, "export")
         elif config.export_dir is False:

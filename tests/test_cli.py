@@ -217,3 +217,11 @@ def test_resume_from_a_path_that_does_not_exist_ends_in_one_line(tmp_path):
     message = one_line_error(train.main, ["--config", TINY, "--data.shapes.root", str(tmp_path / "shapes"),
                                           "--ckpt_path", str(tmp_path / "nope.ckpt")])
     assert f"--ckpt_path '{tmp_path / 'nope.ckpt'}' is not a file" in message
+
+
+def test_a_step_bounded_run_shows_no_negative_epoch_count(tmp_path):
+    from lightning.pytorch.callbacks import TQDMProgressBar
+    built = train.build(["--config", TINY, "--data.shapes.root", str(tmp_path / "shapes"),
+                         "--trainer.enable_progress_bar", "true"])
+    # bounded by max_steps (max_epochs -1 in fit): Rich's bar, Lightning's pick, would say "Epoch 0/-2"
+    assert isinstance(built.trainer.progress_bar_callback, TQDMProgressBar)
