@@ -21,7 +21,7 @@ from jsonargparse import Namespace
 from lightning.pytorch.cli import LightningCLI
 
 from . import slurm
-from .callbacks import SkipMonitor
+from .callbacks import SkipMonitor, ZeroShotEvaluation
 from .cli import UserError, explain
 from .config import to_open_clip
 from .data.datamodule import WebDataModule
@@ -121,6 +121,9 @@ def _build(args: list[str] | None) -> CLI:
     for required in (SkipMonitor, slurm.RequeueOnSignal):
         if not any(isinstance(c, required) for c in cli.trainer.callbacks):
             cli.trainer.callbacks.append(required())
+    for callback in cli.trainer.callbacks:  # no sets given: the data's own zero-shot set (shapes), if any
+        if isinstance(callback, ZeroShotEvaluation) and callback.sets is None:
+            callback.sets = cli.datamodule.zeroshot_sets
     return cli
 
 
