@@ -1,6 +1,6 @@
 """Model summary for choosing compute-matched pairs: ``python -m clip_hvt.summary --config FILE``.
 
-Prints image/text parameter counts, GFLOPs per image and per caption (torch's FLOP counter),
+Prints image/text parameter counts, GFLOPs per image and per caption (``clip_hvt.flops``),
 the output shape of every stage of the image trunk, and forward+backward throughput measured on
 this machine. Takes the same (repeatable) ``--config`` files as training; only ``model`` is read.
 """
@@ -12,9 +12,8 @@ from typing import Any
 
 import torch
 import yaml
-from torch.utils.flop_counter import FlopCounterMode
 
-from . import factory
+from . import factory, flops
 
 
 def _merge(base: dict, over: dict) -> dict:
@@ -33,17 +32,6 @@ def model_cfg_from_configs(paths: list[str]) -> dict:
         return merged["model"]["model_cfg"]
     except KeyError:
         raise ValueError(f"no model.model_cfg in {paths}") from None
-
-
-def _params(module: torch.nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())
-
-
-def _gflops(fn, *args) -> float:
-    counter = FlopCounterMode(display=False)
-    with counter, torch.no_grad():
-        fn(*args)
-    return counter.get_total_flops() / 1e9
 
 
 def stage_shapes(model: torch.nn.Module, images: torch.Tensor) -> list[tuple[int, ...]]:
@@ -74,11 +62,12 @@ def summarize(model_cfg: dict, batch_size: int = 8, steps: int = 3) -> dict[str,
     height, width = (size, size) if isinstance(size, int) else size
     images = torch.randn(1, 3, height, width)
     texts = factory.create_tokenizer(model_cfg)(["a photo of a small red circle on a striped background"])
+    costs = flops.tower_costs(model, model_cfg)
     return {
-        "image_params_M": _params(model.visual) / 1e6,
-        "text_params_M": (_params(model) - _params(model.visual)) / 1e6,
-        "image_gflops": _gflops(model.encode_image, images),
-        "text_gflops": _gflops(model.encode_text, texts),
+        "image_params_M": costs["image_params"] / 1e6,
+        "text_params_M": costs["text_params"] / 1e6,
+        "image_gflops": costs["image_flops"] / 1e9,
+        "text_gflops": costs["text_flops"] / 1e9,
         "stage_shapes": stage_shapes(model, images),
         "pairs_per_s": throughput(model, images.expand(batch_size, -1, -1, -1).contiguous(),
                                   texts.expand(batch_size, -1).contiguous(), steps) if steps else None,

@@ -52,7 +52,6 @@ def _summary(metrics: dict, export_dir: str | None) -> str:
 # Known, harmless notices from our dependencies that would bury the run's own output.
 for _message in (r"\.with_length\(\) only sets the value of __len__",  # we set it on purpose (epoch length)
                  r"`isinstance\(treespec, LeafSpec\)` is deprecated",
-                 r"you need to define a `flops_per_batch`",
                  r"torch.distributed.nn.functional.all_gather is deprecated",  # open_clip's loss; still exact
                  # DDP on depthwise convs ([C, 1, k, k]): the strides differ only on the size-1 dim
                  r"Grad strides do not match bucket view strides"):
