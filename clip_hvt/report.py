@@ -289,8 +289,8 @@ def plot_curves(curves: dict[str, list[tuple[float, float, str]]], results: list
             xs = [x for x, _, n in points if n == name]
             ys = [y for _, y, n in points if n == name]
             if xs:
-                marker, color = _MARKERS[fam[run]]
-                ax.plot(xs, ys, marker=marker, label=run, color=None if len(curves) > 4 else None)
+                marker = _MARKERS[fam[run]][0]
+                ax.plot(xs, ys, marker=marker, label=run)  # marker: family; colour: run
         ax.set_xlabel("samples seen")
         ax.set_ylabel(name)
         ax.grid(alpha=0.3)
@@ -327,8 +327,8 @@ def write_markdown(results: list[dict], skipped: dict[str, str], plots: list[Pat
     shown = ["run", "family", "image_params_M", "image_gflops", "text_gflops", "steps", "train_samples_per_s",
              "zeroshot_top1", "retrieval_r1"]
     lines = ["# Encoder comparison", "",
-             "GFLOPs: forward FLOPs per 224-px-or-configured image / per caption (`clip_hvt.flops`, attention "
-             "included). Throughput: measured training samples/s (all devices). Zero-shot top-1 and retrieval R@1 "
+             "GFLOPs: forward FLOPs per image at the run's resolution and per caption (`clip_hvt.flops`, "
+             "attention included). Throughput: measured training samples/s (all devices). Zero-shot top-1 and retrieval R@1 "
              "(mean of image→text and text→image): standalone evaluation where present, else the last "
              "training-time validation. A blank cell: not logged.", "",
              "| " + " | ".join(shown) + " |", "|" + "---|" * len(shown)]
