@@ -49,9 +49,14 @@ def family(vision_cfg: dict) -> str:
 
 # ---- reading a run -----------------------------------------------------------------------------
 
+def _files(run_dir: Path, pattern: str) -> list[Path]:
+    """Files under a run, each once (wandb's ``latest-run`` is a link to a run directory)."""
+    return sorted({p.resolve() for p in run_dir.rglob(pattern) if p.is_file()})
+
+
 def find_config(run_dir: Path) -> dict:
     """LightningCLI's saved ``config.yaml`` (the one with ``model.model_cfg``; wandb keeps its own)."""
-    for path in sorted(run_dir.rglob("config.yaml"), key=lambda p: len(p.parts)):
+    for path in sorted(_files(run_dir, "config.yaml"), key=lambda p: len(p.parts)):
         try:
             cfg = yaml.safe_load(path.read_text())
         except yaml.YAMLError:
@@ -124,10 +129,10 @@ def read_wandb_metrics(path: Path) -> list[dict[str, float]]:
 
 def read_metrics(run_dir: Path) -> tuple[list[dict[str, float]], str]:
     """Logged metric rows from the CSV logger, else from wandb offline files; and where they came from."""
-    csvs = sorted(run_dir.rglob("metrics.csv"))
+    csvs = _files(run_dir, "metrics.csv")
     if csvs:
         return [r for p in csvs for r in read_csv_metrics(p)], "csv"
-    runs = sorted(run_dir.rglob("*.wandb"))
+    runs = _files(run_dir, "*.wandb")
     if runs:
         return [r for p in runs for r in read_wandb_metrics(p)], "wandb"
     return [], "none"
@@ -136,7 +141,7 @@ def read_metrics(run_dir: Path) -> tuple[list[dict[str, float]], str]:
 def read_eval_jsons(run_dir: Path) -> list[dict]:
     """CLIP_benchmark-style result files (``dataset``, ``task``, ``metrics``) anywhere under the run."""
     results = []
-    for path in sorted(run_dir.rglob("*.json")):
+    for path in _files(run_dir, "*.json"):
         try:
             data = json.loads(path.read_text())
         except (OSError, ValueError):
