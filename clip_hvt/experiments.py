@@ -234,8 +234,15 @@ def run(set: str, out: str, max_steps: int | None = None, max_time: str | None =
     return run_dirs
 
 
+COMMANDS = {"table": table, "prepare": prepare, "run": run}
+
+
 def main(args: list[str] | None = None) -> Any:
-    return run_cli({"table": table, "prepare": prepare, "run": run}, args, prog="python -m clip_hvt.experiments")
+    args = list(sys.argv[1:] if args is None else args)
+    if not args or args[0] not in COMMANDS:
+        sys.exit(f"python -m clip_hvt.experiments: error: give a command first: {', '.join(COMMANDS)} "
+                 "(e.g. table --set configs/experiments/b2.yaml)")
+    return run_cli(COMMANDS[args[0]], args[1:], prog=f"python -m clip_hvt.experiments {args[0]}")
 
 
 if __name__ == "__main__":

@@ -88,7 +88,10 @@ def test_prepare_writes_the_arm_config_and_its_training_arguments_compose(tmp_pa
                              capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=300)
     assert printed.returncode == 0, printed.stderr[-2000:]
     resolved = yaml.safe_load(printed.stdout)
-    assert resolved["model"]["model_cfg"] == written["model"]["model_cfg"]
+    got, want = resolved["model"]["model_cfg"], written["model"]["model_cfg"]  # the typed config adds defaults
+    for tower in ("vision_cfg", "text_cfg"):
+        assert {k: got[tower][k] for k in want[tower]} == want[tower]
+    assert got["embed_dim"] == want["embed_dim"]
     assert resolved["trainer"]["max_time"] == "00:00:05:00" and resolved["seed_everything"] == 3
 
 
