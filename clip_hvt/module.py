@@ -14,7 +14,7 @@ import torch.distributed as dist
 from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, SingleDeviceStrategy
 from open_clip_train.train import get_clip_metrics
 
-from . import factory
+from . import factory, flops
 from .config import ModelCfg, to_open_clip
 from .gradcache import gradcache_backward
 from .loss import build_loss
@@ -95,6 +95,8 @@ class CLIPModule(pl.LightningModule):
         if not self.automatic_optimization:
             check_gradcache_strategy(self.trainer.strategy)
         self.loss_fn = build_loss(self.hparams.loss, rank=self.global_rank, world_size=self.trainer.world_size)
+        # Forward FLOPs per image and caption, counted once (meta device): ThroughputMonitor's TFLOP/s and MFU.
+        self.tower_costs = flops.model_costs(self.hparams.model_cfg)
 
     def encode(self, images: torch.Tensor, texts: torch.Tensor):
         if self.hparams.channels_last:
@@ -120,6 +122,7 @@ class CLIPModule(pl.LightningModule):
         return loss
 
     def on_train_batch_start(self, batch, batch_idx) -> None:
+        self.flops_per_batch = flops.flops_per_batch(self.tower_costs, batch["image"].shape[0], training=True)
         ddp = self.trainer.strategy.model if not self.automatic_optimization else None
         if ddp is not None and hasattr(ddp, "require_backward_grad_sync"):
             # DDP's reducer expects one backward per forward; GradCache runs several, so the
@@ -166,6 +169,7 @@ class CLIPModule(pl.LightningModule):
             self._paused_broadcast = False
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
+        self.flops_per_batch = flops.flops_per_batch(self.tower_costs, batch["image"].shape[0], training=False)
         if len(batch["image"]):  # a batch without images only brings the loader's last skip counts
             self._val_features.append(self.encode(batch["image"], batch["text"]))
 

@@ -1,6 +1,6 @@
 """Model summary for choosing compute-matched pairs: ``python -m clip_hvt.summary --config FILE``.
 
-Prints image/text parameter counts, GFLOPs per image and per caption (torch's FLOP counter),
+Prints image/text parameter counts, GFLOPs per image and per caption (``clip_hvt.flops``),
 the output shape of every stage of the image trunk, and forward+backward throughput measured on
 this machine. Reads the training config files as they are (repeatable ``--config``, dotted
 overrides such as ``--model.model_cfg.vision_cfg.image_size 96``); only ``model`` is used.
@@ -11,9 +11,8 @@ import time
 from typing import Any
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
-from . import cli, factory
+from . import cli, factory, flops
 from .cli import UserError
 
 
@@ -24,19 +23,6 @@ def model_cfg_from_configs(args: list[str]) -> dict:
         """The model config of a training config."""
         return model_cfg
     return cli.run(model_cfg, args, prog="clip_hvt.summary.model_cfg_from_configs", train_config=True)
-
-
-def _params(module: torch.nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())
-
-
-def _gflops(fn, *args) -> float:
-    counter = FlopCounterMode(display=False)
-    # Autograd stays on: FlopCounterMode's module tracker asserts under no_grad when a parameter is a
-    # submodule's input (the latent query of attention pooling, in every *_ms model).
-    with counter:
-        fn(*args)
-    return counter.get_total_flops() / 1e9
 
 
 def stage_shapes(model: torch.nn.Module, images: torch.Tensor) -> list[tuple[int, ...]]:
@@ -67,11 +53,12 @@ def summarize(model_cfg: dict, batch_size: int = 8, steps: int = 3) -> dict[str,
     height, width = (size, size) if isinstance(size, int) else size
     images = torch.randn(1, 3, height, width)
     texts = factory.create_tokenizer(model_cfg)(["a photo of a small red circle on a striped background"])
+    costs = flops.tower_costs(model, model_cfg)  # attention counted on every backend
     return {
-        "image_params_M": _params(model.visual) / 1e6,
-        "text_params_M": (_params(model) - _params(model.visual)) / 1e6,
-        "image_gflops": _gflops(model.encode_image, images),
-        "text_gflops": _gflops(model.encode_text, texts),
+        "image_params_M": costs["image_params"] / 1e6,
+        "text_params_M": costs["text_params"] / 1e6,
+        "image_gflops": costs["image_flops"] / 1e9,
+        "text_gflops": costs["text_flops"] / 1e9,
         "stage_shapes": stage_shapes(model, images),
         "pairs_per_s": throughput(model, images.expand(batch_size, -1, -1, -1).contiguous(),
                                   texts.expand(batch_size, -1).contiguous(), steps) if steps else None,

@@ -1,0 +1,113 @@
+"""The report: two real tiny runs (CSV and wandb-offline logs) -> results.csv, report.md, PNGs that are not blank."""
+import csv
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from PIL import Image
+
+from clip_hvt import flops, train
+from clip_hvt.report import main as report_main, pareto_front
+
+MONITOR = {"class_path": "clip_hvt.flops.ThroughputMonitor",
+           "init_args": {"batch_size_fn": "clip_hvt.callbacks.batch_size", "window_size": 2}}
+TINY_CONFIG = str(Path(__file__).parent / "configs" / "tiny.yaml")
+VIT = {"image_size": 32, "patch_size": 8, "width": 64, "layers": 2, "head_width": 32}
+
+
+def _tiny_run(root: Path, tiny_config: str, name: str, vision_cfg: dict | None, wandb: bool) -> Path:
+    cfg = yaml.safe_load(Path(tiny_config).read_text())
+    run_dir = root / name
+    run_dir.mkdir(parents=True)
+    cfg["trainer"]["callbacks"].append(MONITOR)
+    cfg["trainer"].update(max_steps=6, val_check_interval=3, default_root_dir=str(run_dir))
+    cfg["trainer"]["callbacks"][0]["init_args"]["dirpath"] = str(run_dir / "checkpoints")
+    cfg["trainer"]["logger"] = ({"class_path": "clip_hvt.loggers.WandbLogger",
+                                 "init_args": {"project": "clip_hvt", "name": name, "save_dir": str(run_dir)}}
+                                if wandb else
+                                {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": str(run_dir)}})
+    if vision_cfg:
+        cfg["model"]["model_cfg"]["vision_cfg"] = vision_cfg
+    cfg["data"]["shapes"]["root"] = str(root / "shapes")
+    config = root / f"{name}.yaml"
+    config.write_text(yaml.safe_dump(cfg))
+    train.main(["--config", str(config)])
+    return run_dir
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("runs")
+    pvt = _tiny_run(root, TINY_CONFIG, "pvt", None, wandb=False)
+    vit = _tiny_run(root, TINY_CONFIG, "vit", VIT, wandb=True)
+    return pvt, vit
+
+
+def _not_blank(path: Path) -> None:
+    pixels = np.asarray(Image.open(path).convert("L"), dtype=float)
+    assert pixels.shape[0] > 200 and pixels.shape[1] > 200
+    assert pixels.std() > 5 and (pixels < 128).mean() > 0.005, f"{path.name} looks blank"
+
+
+@pytest.mark.slow
+def test_report_over_two_real_runs_writes_one_row_per_run_and_plots(runs, tmp_path, capsys):
+    pvt, vit = runs
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    out = tmp_path / "report"
+    report_main([str(pvt), str(vit), str(broken), "--out", str(out)])
+    assert "skipped" in capsys.readouterr().out
+    rows = list(csv.DictReader(open(out / "results.csv")))
+    assert [r["run"] for r in rows] == ["pvt", "vit"]
+    by_run = {r["run"]: r for r in rows}
+    assert by_run["pvt"]["family"] == "hierarchical" and by_run["vit"]["family"] == "ViT"
+    assert by_run["pvt"]["source"] == "csv" and by_run["vit"]["source"] == "wandb"
+    tiny = yaml.safe_load(open(Path(__file__).parent / "configs" / "tiny.yaml"))["model"]["model_cfg"]
+    assert float(by_run["pvt"]["image_gflops"]) == pytest.approx(flops.model_costs(tiny)["image_flops"] / 1e9, rel=1e-3)
+    for r in rows:
+        assert r["steps"] == "6" and r["samples_seen"] == str(6 * 16)
+        assert float(r["train_samples_per_s"]) > 0
+        assert 0 <= float(r["zeroshot_top1"]) <= 1 and 0 <= float(r["retrieval_r1"]) <= 1
+    md = (out / "report.md").read_text()
+    assert "| pvt | hierarchical |" in md and "`" + str(broken) + "`" in md
+    pngs = sorted(out.glob("*.png"))
+    assert [p.name for p in pngs] == ["learning_curves.png", "retrieval_r1_vs_cost.png", "zeroshot_top1_vs_cost.png"]
+    for png in pngs:
+        _not_blank(png)
+
+
+@pytest.mark.slow
+def test_evaluation_json_wins_and_a_missing_metric_is_a_blank_cell(runs, tmp_path):
+    pvt = tmp_path / "pvt"
+    shutil.copytree(runs[0], pvt)
+    eval_dir = pvt / "eval"
+    eval_dir.mkdir()
+    (eval_dir / "shapes_zeroshot.json").write_text(json.dumps({
+        "dataset": "shapes", "model": "pvt", "pretrained": "x", "task": "zeroshot_classification",
+        "metrics": {"acc1": 0.625, "acc5": 0.875, "mean_per_class_recall": 0.5}}))
+    for path in pvt.rglob("metrics.csv"):  # drop the retrieval columns: R@1 becomes a blank cell
+        rows = list(csv.DictReader(open(path)))
+        keep = [k for k in rows[0] if not k.startswith("val/")]
+        with open(path, "w", newline="") as f:
+            writer = csv.DictWriter(f, keep, extrasaction="ignore")
+            writer.writeheader()
+            writer.writerows(rows)
+    report_main([str(pvt), "--out", str(tmp_path / "r")])
+    row = next(csv.DictReader(open(tmp_path / "r" / "results.csv")))
+    assert row["zeroshot_top1"] == "0.625" and row["eval/shapes/mean_per_class_recall"] == "0.5"
+    assert row["retrieval_r1"] == "" and row["image_to_text_R@1"] == ""
+    assert row["source"] == "csv+eval"
+
+
+def test_no_readable_run_is_a_one_line_error(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SystemExit, match="no readable run.*empty: no saved training config"):
+        report_main([str(tmp_path / "empty"), str(tmp_path / "missing"), "--out", str(tmp_path / "r")])
+
+
+def test_pareto_front_keeps_the_runs_no_cheaper_run_beats():
+    points = [(1.0, 0.2), (2.0, 0.5), (2.5, 0.4), (3.0, 0.6), (3.0, 0.1), (4.0, 0.55)]
+    assert pareto_front(points) == [(1.0, 0.2), (2.0, 0.5), (3.0, 0.6)]
