@@ -14,6 +14,7 @@ import torch
 from safetensors.torch import save_file
 
 from . import factory
+from .models.pvt_v2_cl import reference_name
 
 CONFIG_NAME = "open_clip_config.json"
 WEIGHTS_NAME = "open_clip_model.safetensors"
@@ -23,6 +24,9 @@ def export_state_dict(state: dict[str, torch.Tensor], model_cfg: dict, out_dir: 
     """Write an open_clip model's state dict and config as an open_clip local-dir."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    vision = model_cfg.get("vision_cfg", {})
+    if "timm_model_name" in vision:  # a faster variant is saved as the timm model it equals: plain timm loads it
+        model_cfg = {**model_cfg, "vision_cfg": {**vision, "timm_model_name": reference_name(vision["timm_model_name"])}}
     config = {"model_cfg": model_cfg, "preprocess_cfg": factory.preprocess_cfg(model_cfg)}
     state = {k: v.detach().cpu().contiguous() for k, v in state.items()}
     save_file(state, str(out / WEIGHTS_NAME), metadata={"format": "pt"})
