@@ -9,8 +9,8 @@ view. Here the attention's spatial reduction and each stage's output use those v
 made; the modules, parameters and state-dict keys are timm's, and timm's weights load unchanged.
 ``benchmarks/bench_towers.py`` measures the gain; ``tests/models/test_pvt_v2_cl.py`` checks parity.
 
-``pvt_v2_b0_cl`` ... ``pvt_v2_b5_cl`` and ``pvt_v2_b2_li_cl``; an export names the timm model it equals
-(``reference_name``), so it loads in plain open_clip + timm.
+``pvt_v2_b0_cl`` ... ``pvt_v2_b5_cl``, ``pvt_v2_b2_li_cl`` and their ``_ms`` variants (``pvt_v2_b2_cl_ms``);
+an export names the model it equals (``reference_name``), so a plain trunk loads in plain open_clip + timm.
 """
 from __future__ import annotations
 
@@ -20,6 +20,8 @@ import torch
 import torch.nn.functional as F
 from timm.models import pvt_v2, register_model
 from timm.models._manipulate import checkpoint
+
+from .multiscale import register_multiscale
 
 SUFFIX = "_cl"
 
@@ -85,9 +87,11 @@ def channels_last_tokens(model: pvt_v2.PyramidVisionTransformerV2) -> pvt_v2.Pyr
 
 
 def reference_name(name: str) -> str:
-    """The timm model a ``*_cl`` model equals (its weights and outputs): ``pvt_v2_b2_cl`` -> ``pvt_v2_b2``."""
-    if name.startswith("pvt_v2_") and name.endswith(SUFFIX):
-        return name[: -len(SUFFIX)]
+    """The model a ``*_cl`` model equals (weights and outputs): ``pvt_v2_b2_cl`` -> ``pvt_v2_b2``,
+    ``pvt_v2_b2_cl_ms`` -> ``pvt_v2_b2_ms``; other names unchanged."""
+    base, multiscale = (name[:-3], "_ms") if name.endswith("_ms") else (name, "")
+    if base.startswith("pvt_v2_") and base.endswith(SUFFIX):
+        return base[: -len(SUFFIX)] + multiscale
     return name
 
 
@@ -128,3 +132,8 @@ def pvt_v2_b5_cl(pretrained=False, **kwargs) -> pvt_v2.PyramidVisionTransformerV
 @register_model
 def pvt_v2_b2_li_cl(pretrained=False, **kwargs) -> pvt_v2.PyramidVisionTransformerV2:
     return _create('pvt_v2_b2_li', pretrained, **kwargs)
+
+
+for _name in ('pvt_v2_b0_cl', 'pvt_v2_b1_cl', 'pvt_v2_b2_cl', 'pvt_v2_b3_cl', 'pvt_v2_b4_cl', 'pvt_v2_b5_cl',
+              'pvt_v2_b2_li_cl'):
+    register_multiscale(_name)

@@ -15,7 +15,8 @@ from clip_hvt.models.pvt_v2_cl import reference_name
 def _pair(name, **kwargs):
     torch.manual_seed(0)
     reference = timm.create_model(name, **kwargs).train()
-    faster = timm.create_model(f"{name}_cl", **kwargs).train()
+    faster = timm.create_model(name.replace("_ms", "_cl_ms") if name.endswith("_ms") else f"{name}_cl",
+                               **kwargs).train()
     faster.load_state_dict(reference.state_dict())  # strict: timm's keys and shapes
     return reference, faster
 
@@ -55,8 +56,16 @@ def test_stage_maps_equal_timms():
         torch.testing.assert_close(m, m_ref, rtol=1e-5, atol=1e-5)
 
 
+def test_multiscale_variant_equals_timm_trunks_multiscale():
+    reference, faster = _pair("pvt_v2_b0_ms", num_classes=0)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(faster(x), reference(x), rtol=1e-5, atol=1e-5)
+
+
 def test_reference_name():
     assert reference_name("pvt_v2_b2_cl") == "pvt_v2_b2"
+    assert reference_name("pvt_v2_b2_cl_ms") == "pvt_v2_b2_ms"
     assert reference_name("pvt_v2_b2_li_cl") == "pvt_v2_b2_li"
     assert reference_name("pvt_v2_b2") == "pvt_v2_b2" and reference_name("cvt_13") == "cvt_13"
 
