@@ -97,8 +97,7 @@ def train_throughput(name: str, compile: bool, args) -> dict:
     rate = args.batch_size * args.steps / (timer.end - timer.start)
     costs = model_costs(cfg)
     achieved = 3 * (costs["image_flops"] + costs["text_flops"]) * rate
-    from lightning.fabric.utilities.throughput import get_available_flops
-    peak = get_available_flops(device, "bf16-mixed") if device.type == "cuda" else None
+    peak = bf16_peak(device, args.peak_tflops)
     memory = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
     del trainer, module, batch
     if device.type == "cuda":
@@ -106,6 +105,20 @@ def train_throughput(name: str, compile: bool, args) -> dict:
     torch._dynamo.reset()
     return {"samples/s": f"{rate:.1f}", "TFLOP/s": f"{achieved / 1e12:.1f}",
             "MFU": f"{achieved / peak:.1%}" if peak else "n/a (no peak known)", "peak GiB": f"{memory:.1f}"}
+
+
+def bf16_peak(device: torch.device, override: float | None) -> float | None:
+    """Dense bf16 FLOP/s of the GPU: ``--peak-tflops``, else Lightning's table, else H100/H200 SXM's 989 TFLOP/s
+    for names Lightning's table misses (it knows "H200" only with an SXM1/NVL1 suffix)."""
+    if override:
+        return override * 1e12
+    if device.type != "cuda":
+        return None
+    from lightning.fabric.utilities.throughput import get_available_flops
+    peak = get_available_flops(device, "bf16-mixed")
+    if peak is None and any(chip in torch.cuda.get_device_name(device).lower() for chip in ("h100", "h200")):
+        peak = 989.4e12
+    return peak
 
 
 def cvt_vs_transformers(args) -> dict:
@@ -191,6 +204,8 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=None, help="default 256 (4 with --dry-run)")
     parser.add_argument("--steps", type=int, default=None, help="timed steps per training row (default 10)")
     parser.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 5)")
+    parser.add_argument("--peak-tflops", type=float, default=None,
+                        help="the GPU's dense bf16 peak for MFU (default: Lightning's table)")
     args = parser.parse_args()
     args.accelerator = "cpu" if args.dry_run else "gpu"
     args.batch_size = args.batch_size or (4 if args.dry_run else 256)
