@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -197,6 +198,14 @@ def ddp_steps(args) -> dict:
     return {"note": f"ddp, 1 device: 5 steps in {time.perf_counter() - start:.0f} s (whole process)"}
 
 
+class _TimeLimit(BaseException):
+    """SIGTERM from gpu_check.sh's hard stop: not caught by a section, so the table still prints."""
+
+
+def _stop(signum, frame):
+    raise _TimeLimit
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dry-run", action="store_true", help="CPU, tiny sizes: check the script, not the GPU")
@@ -222,20 +231,32 @@ def main() -> None:
                  ("ddp 1 GPU", "5 steps", lambda: ddp_steps(args), 40)]
     sections += [(f"train {m}", "bf16 compile", lambda m=m: train_throughput(m, True, args), 75) for m in TRAIN_MODELS]
     rows = []
-    for name, setting, run, needs in sections:
-        left = deadline - time.perf_counter()
-        if left < needs and not args.dry_run:
-            rows.append((name, setting, {"note": f"skipped: {left:.0f} s of the budget left, needs ~{needs} s"}))
-            continue
-        start = time.perf_counter()
-        try:
-            result = run()
-        except Exception as err:  # one failing section must not hide the others' figures
-            traceback.print_exc()
-            result = {"note": f"FAILED: {type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''}"}
-        result["s"] = f"{time.perf_counter() - start:.0f}"
-        rows.append((name, setting, result))
-        print(f"gpu_check: {name} [{setting}] {result}", flush=True)
+    signal.signal(signal.SIGTERM, _stop)
+    try:
+        for name, setting, run, needs in sections:
+            left = deadline - time.perf_counter()
+            if left < needs and not args.dry_run:
+                rows.append((name, setting, {"note": f"skipped: {left:.0f} s of the budget left, needs ~{needs} s"}))
+                continue
+            start = time.perf_counter()
+            try:
+                result = run()
+            except _TimeLimit:
+                rows.append((name, setting, {"note": "stopped by the time limit"}))
+                raise
+            except Exception as err:  # one failing section must not hide the others' figures
+                traceback.print_exc()
+                result = {"note": f"FAILED: {type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''}"}
+            result["s"] = f"{time.perf_counter() - start:.0f}"
+            rows.append((name, setting, result))
+            print(f"gpu_check: {name} [{setting}] {result}", flush=True)
+    except _TimeLimit:
+        pass
+    finally:
+        print_table(rows, args)
+
+
+def print_table(rows: list, args) -> None:
     device = torch.cuda.get_device_name() if torch.cuda.is_available() and not args.dry_run else "CPU (dry run)"
     print(f"\n{device}; torch {torch.__version__}; batch {args.batch_size}, {args.steps} timed steps after "
           f"{args.warmup} warm-up")
@@ -243,7 +264,7 @@ def main() -> None:
     print("| check | setting | " + " | ".join(columns) + " |")
     print("|---" * (len(columns) + 2) + "|")
     for name, setting, result in rows:
-        print(f"| {name} | {setting} | " + " | ".join(result.get(c, "") for c in columns) + " |")
+        print(f"| {name} | {setting} | " + " | ".join(result.get(c, "") for c in columns) + " |", flush=True)
 
 
 if __name__ == "__main__":
