@@ -156,6 +156,7 @@ def main() -> None:
                 wall, cpu_s = timed(cmd, work / f"{side}-{tag}.log")
                 times[side, steps].append(wall)
                 cpu[side, steps].append(cpu_s)
+                print(f"  {side} {steps} steps: {wall:.1f} s wall, {cpu_s:.1f} s CPU", flush=True)
         print(f"round {r} (matmul {gflops[-1]:.0f} GFLOP/s)\n  wall: " + _ratios(
             {k: v[-1] for k, v in times.items()}, args) + "\n  CPU:  " + _ratios(
             {k: v[-1] for k, v in cpu.items()}, args), flush=True)
