@@ -15,6 +15,7 @@ from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, SingleD
 from open_clip_train.train import get_clip_metrics
 
 from . import factory
+from .config import ModelCfg, to_open_clip
 from .gradcache import gradcache_backward
 from .loss import build_loss
 
@@ -38,7 +39,7 @@ class CLIPModule(pl.LightningModule):
     """Contrastive image-text training of an open_clip model.
 
     Args:
-        model_cfg: open_clip model config (``embed_dim``, ``vision_cfg``, ``text_cfg``).
+        model_cfg: open_clip model config (``clip_hvt.config.ModelCfg``, or open_clip's JSON as a dict).
         loss: ``clip`` (InfoNCE, global negatives) or ``siglip``.
         lr, weight_decay, betas, eps: AdamW; no decay on biases, norms, gains, ``logit_scale``.
         warmup_steps: linear warmup, then cosine decay to ``min_lr_ratio * lr`` at ``trainer.max_steps``.
@@ -53,7 +54,7 @@ class CLIPModule(pl.LightningModule):
 
     def __init__(
         self,
-        model_cfg: dict,
+        model_cfg: ModelCfg,
         loss: str = "clip",
         lr: float = 5e-4,
         weight_decay: float = 0.2,
@@ -69,6 +70,7 @@ class CLIPModule(pl.LightningModule):
         channels_last: bool = False,
     ):
         super().__init__()
+        model_cfg = to_open_clip(model_cfg)  # hparams hold open_clip's JSON dict (a plain dict also works)
         self.save_hyperparameters()
         if loss == "siglip" and "init_logit_bias" not in model_cfg:
             raise ValueError("loss 'siglip' needs a learnable bias: set model_cfg.init_logit_bias (e.g. -10) "
