@@ -30,12 +30,39 @@ def _step_ours(model, x):
     model.forward_features(x).float().mean().backward()
 
 
+def _sync(x):
+    if x.device.type == 'cuda':
+        torch.cuda.synchronize()
+
+
 def _time(step, model, x, iters: int) -> float:
+    _sync(x)
     start = time.perf_counter()
     for _ in range(iters):
         step(model, x)
         model.zero_grad(set_to_none=True)
+    _sync(x)
     return x.shape[0] * iters / (time.perf_counter() - start)
+
+
+def compare(precision: str = 'fp32', batch_size: int = 16, img_size: int = 224, iters: int = 5, rounds: int = 3,
+            warmup: int = 2, device: str = 'cpu') -> dict[str, list[float]]:
+    """Images/s per round of transformers' CvtModel and our cvt_13, alternating, in one process."""
+    torch.manual_seed(0)
+    # drop_path off in both: transformers applies it to a different tensor, which would skew the work done
+    hf = CvtModel(CvtConfig(drop_path_rate=[0.0, 0.0, 0.0]), add_pooling_layer=False).train().to(device)
+    ours = timm.create_model('cvt_13', num_classes=0).train().to(device)
+    x = torch.randn(batch_size, 3, img_size, img_size, device=device)
+    autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=precision == 'bf16')
+    with autocast:
+        for _ in range(warmup):
+            _step_hf(hf, x)
+            _step_ours(ours, x)
+        rates = {'transformers': [], 'ours': []}
+        for _ in range(rounds):
+            rates['transformers'].append(_time(_step_hf, hf, x, iters))
+            rates['ours'].append(_time(_step_ours, ours, x, iters))
+    return rates
 
 
 def main():
@@ -50,22 +77,7 @@ def main():
                         help='bf16: CPU autocast for both models, as bf16-mixed training does')
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
-
-    # drop_path off in both: transformers applies it to a different tensor, which would skew the work done
-    hf = CvtModel(CvtConfig(drop_path_rate=[0.0, 0.0, 0.0]), add_pooling_layer=False).train()
-    ours = timm.create_model('cvt_13', num_classes=0).train()
-    x = torch.randn(args.batch_size, 3, args.img_size, args.img_size)
-
-    autocast = torch.autocast('cpu', dtype=torch.bfloat16, enabled=args.precision == 'bf16')
-    with autocast:
-        for _ in range(args.warmup):
-            _step_hf(hf, x)
-            _step_ours(ours, x)
-        rates = {'transformers': [], 'ours': []}
-        for _ in range(args.rounds):
-            rates['transformers'].append(_time(_step_hf, hf, x, args.iters))
-            rates['ours'].append(_time(_step_ours, ours, x, args.iters))
+    rates = compare(args.precision, args.batch_size, args.img_size, args.iters, args.rounds, args.warmup)
     hf_rate, our_rate = statistics.median(rates['transformers']), statistics.median(rates['ours'])
     per_round = ' '.join(f'{o / h:.2f}x' for h, o in zip(rates['transformers'], rates['ours']))
 

@@ -5,10 +5,9 @@ and tokenizer, with the same workers and batch size, resampled shards on both si
 alternate (ours, theirs, ours, ...) and the median of each is compared. Prints samples/s and
 the ratio ours / open_clip.
 
-open_clip's pipeline needs webdataset <= 0.2.86 (its ``group_by_keys_nothrow`` breaks on 1.x's
-end-of-shard marker), so its rounds run in another interpreter (``--open-clip-python``)::
+open_clip's pipeline needs webdataset <= 0.2.86, so its rounds run in another interpreter
+(``--open-clip-python``; how to make it: ``benchmarks/common.py``)::
 
-    python -m venv /tmp/ocvenv --system-site-packages && /tmp/ocvenv/bin/pip install 'webdataset<=0.2.86'
     python benchmarks/bench_loader.py [--samples 2000] [--batch-size 64] [--workers 2] [--rounds 3]
 """
 from __future__ import annotations
@@ -32,6 +31,7 @@ import webdataset as wds
 from PIL import Image, ImageDraw, ImageFilter
 
 from clip_hvt import factory
+from common import OPEN_CLIP_PYTHON, check_open_clip_python
 from clip_hvt.data.datamodule import WebDataModule
 
 MODEL_CFG = {"embed_dim": 512, "vision_cfg": {"timm_model_name": "pvt_v2_b0", "image_size": 224},
@@ -137,7 +137,7 @@ def main() -> None:
     parser.add_argument("--batches", type=int, default=20, help="timed batches per round")
     parser.add_argument("--warmup", type=int, default=4)
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--open-clip-python", default="/tmp/ocvenv/bin/python",
+    parser.add_argument("--open-clip-python", default=OPEN_CLIP_PYTHON,
                         help="interpreter with webdataset<=0.2.86 for open_clip's pipeline")
     parser.add_argument("--only-open-clip", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -146,6 +146,7 @@ def main() -> None:
     if args.only_open_clip:
         print(json.dumps(run_round(open_clip_loader, spec, args)))
         return
+    check_open_clip_python(args.open_clip_python)
     print(f"shards {spec}: {args.samples} JPEGs 512x512 q90; transform open_clip train 224 (RandomResizedCrop "
           f"scale 0.9-1, bicubic); batch {args.batch_size}, workers {args.workers}, "
           f"{args.batches} timed batches after {args.warmup} warm-up, {args.rounds} alternating rounds")
