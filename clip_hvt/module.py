@@ -14,7 +14,7 @@ import torch.distributed as dist
 from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, SingleDeviceStrategy
 from open_clip_train.train import get_clip_metrics
 
-from . import factory
+from . import factory, lock
 from .gradcache import gradcache_backward
 from .loss import build_loss
 
@@ -49,6 +49,11 @@ class CLIPModule(pl.LightningModule):
             the whole (global) batch; exact gradients at the activation memory of one micro-batch.
         compile: ``torch.compile`` both towers in place (state-dict keys unchanged).
         channels_last: keep the image tower and images in channels-last memory format (faster convs on GPUs).
+        lock_image, lock_image_unlocked_groups, lock_image_freeze_bn_stats: LiT locking of the image tower
+            but its last groups (timm's ``group_matcher``), BatchNorm statistics of locked groups frozen;
+            open_clip_train's ``--lock-image*`` flags.
+        lock_text, lock_text_unlocked_layers, lock_text_freeze_layer_norm: the same for the text tower
+            (``--lock-text*``); ``lock_text_freeze_layer_norm=False`` keeps locked layers' LayerNorms trainable.
     """
 
     def __init__(
@@ -67,6 +72,12 @@ class CLIPModule(pl.LightningModule):
         micro_batch_size: int | None = None,
         compile: bool = False,
         channels_last: bool = False,
+        lock_image: bool = False,
+        lock_image_unlocked_groups: int = 0,
+        lock_image_freeze_bn_stats: bool = False,
+        lock_text: bool = False,
+        lock_text_unlocked_layers: int = 0,
+        lock_text_freeze_layer_norm: bool = True,
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -76,6 +87,12 @@ class CLIPModule(pl.LightningModule):
         # GradCache runs several backward passes per step: Lightning's manual optimization.
         self.automatic_optimization = micro_batch_size is None
         self.model = factory.create_model(model_cfg, image_weights=image_weights)
+        self._frozen_norms: list[torch.nn.Module] = []  # BatchNorms whose statistics the lock froze
+        if lock_image:
+            self._frozen_norms = lock.lock_image(self.model, lock_image_unlocked_groups, lock_image_freeze_bn_stats)
+            self.train(self.training)
+        if lock_text:
+            lock.lock_text(self.model, lock_text_unlocked_layers, lock_text_freeze_layer_norm)
         if grad_checkpointing:
             self.model.set_grad_checkpointing(True)
         if channels_last:
@@ -85,9 +102,16 @@ class CLIPModule(pl.LightningModule):
             self.model.visual.compile()
             text_tower = self.model.text if hasattr(self.model, "text") else self.model.transformer
             text_tower.compile()
-        self.loss_fn = build_loss(loss)  # rebuilt with the real rank/world size in setup()
         self._val_features: list[tuple[torch.Tensor, torch.Tensor]] = []
         self._paused_broadcast = False  # DDP's buffer broadcast, off during validation
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        # Eval mode keeps running statistics as loaded. Lightning keeps each submodule's mode across
+        # validation, and calls no train() at fit start: hence also at construction.
+        for norm in self._frozen_norms:
+            norm.eval()
+        return self
 
     def setup(self, stage: str) -> None:
         if not self.automatic_optimization:
@@ -114,7 +138,6 @@ class CLIPModule(pl.LightningModule):
         # Mean over ranks of the local-loss rows = the loss of the global batch.
         self.log("train/loss", loss, prog_bar=True, sync_dist=True)
         self.log("train/logit_scale", logit_scale)
-        self.log("train/lr", self.optimizers().param_groups[0]["lr"])
         return loss
 
     def on_train_batch_start(self, batch, batch_idx) -> None:
