@@ -54,12 +54,22 @@ def export_from_trainer(trainer, module, out_dir: str | Path) -> Path | None:
     return out
 
 
-def model_from_checkpoint(ckpt_path: str | Path) -> tuple[torch.nn.Module, dict]:
-    """The open_clip model and its config from a Lightning checkpoint (``weights_only`` load)."""
+def model_from_checkpoint(ckpt_path: str | Path, ema: bool | None = None) -> tuple[torch.nn.Module, dict]:
+    """The open_clip model and its config from a Lightning checkpoint (``weights_only`` load).
+
+    ``ema``: Lightning's ``EMAWeightAveraging`` saves the average as ``state_dict`` and the trained
+    weights as ``current_model_state``; True takes the average (an error without one), False the
+    trained weights, None ``state_dict`` (the average when there is one).
+    """
     ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
     model_cfg = ckpt["hyper_parameters"]["model_cfg"]
     model = factory.create_model(model_cfg)
-    model.load_state_dict(open_clip_state(ckpt["state_dict"]), strict=True)
+    averaged = "current_model_state" in ckpt
+    if ema and not averaged:
+        raise ValueError(f"checkpoint '{ckpt_path}' holds no averaged weights: train with the callback "
+                         "lightning.pytorch.callbacks.EMAWeightAveraging, or export without --ema")
+    state = ckpt["current_model_state"] if averaged and ema is False else ckpt["state_dict"]
+    model.load_state_dict(open_clip_state(state), strict=True)
     return model, model_cfg
 
 
@@ -67,10 +77,16 @@ def main(args: list[str] | None = None) -> Path:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--ckpt", required=True, help="Lightning checkpoint (.ckpt) written by clip_hvt.train")
     parser.add_argument("--out", required=True, help="output directory (open_clip local-dir)")
+    parser.add_argument("--ema", type=lambda v: {"true": True, "false": False}[v.lower()], default=None,
+                        help="true: the EMA-averaged weights (EMAWeightAveraging); false: the trained weights; "
+                             "default: the averaged ones when the checkpoint has them")
     opts = parser.parse_args(args)
     if not Path(opts.ckpt).is_file():
         parser.error(f"checkpoint '{opts.ckpt}' does not exist")
-    model, model_cfg = model_from_checkpoint(opts.ckpt)
+    try:
+        model, model_cfg = model_from_checkpoint(opts.ckpt, ema=opts.ema)
+    except ValueError as err:
+        parser.error(str(err))
     out = export_model(model, model_cfg, opts.out)
     print(f"exported to {out}: load with open_clip.create_model_and_transforms('local-dir:{out}')")
     return out
