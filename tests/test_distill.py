@@ -137,3 +137,41 @@ def test_bad_teacher_input_is_one_clear_line(random_teacher, tmp_path):
     with pytest.raises(ValueError, match="DistillClipLoss is InfoNCE's: it needs loss 'clip', not 'siglip'"):
         from clip_hvt.loss import build_loss
         build_loss("siglip", distill=True)
+
+
+QUICKSTART_CFG = {"embed_dim": 128, "vision_cfg": {"timm_model_name": "pvt_v2_b0", "timm_pool": "avg",
+                                                   "timm_proj": "linear", "image_size": 64},
+                  "text_cfg": {"context_length": 32, "width": 128, "heads": 4, "layers": 3}}
+CONFIGS = "configs"
+
+
+def _train_with(config, tmp_path, monkeypatch, *extra):
+    import os
+
+    from clip_hvt import train
+    root = os.getcwd()
+    monkeypatch.chdir(tmp_path)
+    return train.main([
+        "--config", f"{root}/{CONFIGS}/quickstart.yaml", "--config", f"{root}/{CONFIGS}/{config}",
+        "--data.shapes.root", str(tmp_path / "shapes"), "--data.shapes.train_samples", "64",
+        "--data.shapes.val_samples", "16", "--data.shapes.zeroshot_per_class", "1", "--data.batch_size", "8",
+        "--data.num_workers", "0", "--trainer.max_steps", "2", "--trainer.val_check_interval", "2",
+        "--trainer.enable_progress_bar", "false", "--final_validation", "false", *extra])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("config", ["distill_live.yaml", "lit.yaml"])
+def test_distill_configs_run_on_the_cpu_with_the_quickstart_export_as_teacher(config, tmp_path, monkeypatch):
+    torch.manual_seed(0)
+    export_model(create_model(QUICKSTART_CFG), QUICKSTART_CFG, tmp_path / "runs" / "quickstart" / "export")
+    _train_with(config, tmp_path, monkeypatch)
+    name = config.removesuffix(".yaml")
+    assert (tmp_path / "runs" / name / "export" / "open_clip_model.safetensors").is_file()
+    assert (tmp_path / "runs" / name / "checkpoints" / "last.ckpt").is_file()
+
+
+def test_missing_teacher_stops_training_with_one_line(tmp_path, monkeypatch):
+    with pytest.raises(SystemExit) as exc:
+        _train_with("distill_live.yaml", tmp_path, monkeypatch)
+    assert str(exc.value.code).startswith("clip_hvt.train: error: teacher 'runs/quickstart/export' not found: no ")
+    assert "the quickstart writes runs/quickstart/export" in str(exc.value.code)
