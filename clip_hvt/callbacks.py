@@ -1,18 +1,17 @@
 """Callbacks: zero-shot classification during validation, and data-skip monitoring."""
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
-from typing import Iterator
 
 import lightning.pytorch as pl
+from open_clip.transform import PreprocessCfg, image_transform_v2
 import torch
 from open_clip.zero_shot_classifier import build_zero_shot_classifier
-from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES, OPENAI_IMAGENET_TEMPLATES, SIMPLE_IMAGENET_TEMPLATES
-from PIL import Image
 
-from .data.decode import PICKLE_KEYS, SKIP_REASONS, SkipCounter, SkipSample, TarSamples, decode_image
+from . import factory
+from .data.pipeline import eval_loader, zeroshot_set
+from .data.sample import MAX_IMAGE_PIXELS, SKIP_REASONS
 
 log = logging.getLogger(__name__)
 
@@ -22,164 +21,74 @@ def batch_size(batch: dict) -> int:
     return batch["image"].shape[0]
 
 
-def _names(value: str | None, root: Path, filename: str, builtin: dict[str, list[str]]) -> list[str]:
-    if value in builtin:
-        return list(builtin[value])
-    path = Path(value) if value else root / filename
-    if not path.is_file():
-        raise FileNotFoundError(f"zero-shot {filename[:-5]}: '{path}' does not exist; give a JSON list file "
-                                f"or one of {sorted(builtin)}")
-    return json.loads(path.read_text())
-
-
-def load_zeroshot_set(root: str | Path, classnames: str | None = None, templates: str | None = None):
-    """Class names, prompt templates and the shard paths of a zero-shot directory; no image is read.
-
-    Layout: ``*.tar`` shards of ``jpg``/``png`` + ``cls`` (the label as text), and unless given
-    otherwise ``classnames.json`` and ``templates.json`` (``str.format`` templates with one ``{}``).
-    ``classnames='imagenet'`` and ``templates='openai'``/``'simple'`` take open_clip's lists.
-    The images are streamed at each evaluation by ``zeroshot_samples``.
-    """
-    root = Path(root)
-    shards = sorted(str(p) for p in root.glob("*.tar"))
-    if not shards:
-        raise FileNotFoundError(f"zero-shot set '{root}' has no *.tar shards (jpg/png + cls)")
-    classnames = _names(classnames, root, "classnames.json", {"imagenet": IMAGENET_CLASSNAMES})
-    templates = _names(templates, root, "templates.json",
-                       {"openai": OPENAI_IMAGENET_TEMPLATES, "simple": SIMPLE_IMAGENET_TEMPLATES})
-    templates = [t("{}") if callable(t) else t for t in templates]
-    return classnames, templates, shards
-
-
-# What a zero-shot sample can be skipped for: the shard and image reasons of ``SKIP_REASONS``, and
-# ``no_label`` (no ``cls``, not an integer, or not a class index).
-ZEROSHOT_SKIP_REASONS = ("corrupt_shard", "no_image", "undecodable_image", "image_too_large", "pickle_member",
-                         "no_label")
-
-
-class ZeroShotSkipCounter(SkipCounter):
-    """``SkipCounter`` over ``ZEROSHOT_SKIP_REASONS``."""
-
-    def __init__(self, log_first: int = 5):
-        super().__init__(log_first, reasons=ZEROSHOT_SKIP_REASONS)
-
-
-def _label(sample: dict, num_classes: int) -> int:
-    try:
-        label = int(sample["cls"].decode("ascii"))
-    except (KeyError, AttributeError, UnicodeDecodeError, ValueError):
-        raise SkipSample("no_label") from None
-    if not 0 <= label < num_classes:
-        raise SkipSample("no_label")
-    return label
-
-
-def zeroshot_samples(shards: list[str], counter: SkipCounter, num_classes: int, rank: int = 0,
-                     world_size: int = 1, max_image_pixels: int = 64_000_000) -> Iterator[tuple[Image.Image, int]]:
-    """This rank's share of a zero-shot set: (RGB image, label) pairs, read and decoded one at a time.
-
-    With at least as many shards as ranks, a rank reads shards ``rank::world_size``; with fewer, every
-    rank reads every shard and decodes samples ``rank::world_size`` of the whole set (a broken shard
-    is then counted by rank 0 only). Either way the shares are disjoint and cover the set. Shards
-    are read with ``TarSamples`` and images decoded with the pixel limit of the training data;
-    broken samples are skipped and counted in ``counter`` (reasons: ``ZEROSHOT_SKIP_REASONS``),
-    nothing is unpickled.
-    """
-    if len(shards) >= world_size:
-        mine, every, shard_counter = shards[rank::world_size], 1, counter
-    else:  # counts of shard errors that every rank meets go to a throw-away counter except on rank 0
-        mine, every = shards, world_size
-        shard_counter = counter if rank == 0 else ZeroShotSkipCounter(log_first=0)
-    for index, sample in enumerate(TarSamples(shard_counter)({"url": url} for url in mine)):
-        if index % every != rank % every:
-            continue
-        try:
-            if any(k.rsplit(".", 1)[-1] in PICKLE_KEYS for k in sample):
-                raise SkipSample("pickle_member")
-            label = _label(sample, num_classes)
-            image = decode_image(sample, max_image_pixels, draft_size=None)  # full decode: same pixels as PIL's
-        except SkipSample as skip:
-            counter.add(skip.reason, f"{sample.get('__url__', '?')}:{sample.get('__key__', '?')}")
-            continue
-        yield image, label
-
-
 class ZeroShotEvaluation(pl.Callback):
-    """Zero-shot top-1/top-5 at the end of each validation, from open_clip's template-averaged classifier.
+    """Zero-shot top-1/top-5 on each of ``sets`` at the end of each validation, from open_clip's
+    template-averaged classifier.
 
-    Every rank streams its share of the images (see ``zeroshot_samples``), scores them
-    ``batch_size`` at a time and the hit and skip counts are summed over ranks, so all ranks log
-    the same numbers; no image is kept between evaluations. Broken samples (truncated or
-    non-image files, images over ``max_image_pixels``, missing or out-of-range labels, truncated
-    shards) are skipped and counted: ``zeroshot/skipped`` and ``zeroshot/skipped_<reason>``,
-    with ``zeroshot/samples`` the images scored.
+    ``sets``: zero-shot set directories (see ``clip_hvt.data.pipeline.zeroshot_set``); none given,
+    none evaluated (a one-line notice). The training CLI passes the embedded shapes set when the data
+    is ``shapes`` and no set is given. ``classnames``/``templates``: JSON list files or open_clip's
+    built-in lists for every set (default: each set's own files), e.g. ImageNet-val shards with
+    ``classnames: imagenet``, ``templates: openai``.
 
-    ``root`` defaults to the data module's ``zeroshot_root`` (embedded data);
-    ``classnames``/``templates`` are JSON list files or open_clip's built-in lists (see
-    ``load_zeroshot_set``), e.g. ImageNet-val shards with ``classnames: imagenet``, ``templates: openai``.
-    ``max_image_pixels`` defaults to the data module's.
+    Each rank streams its share of each set (``pipeline.eval_loader``), through the evaluated model's
+    own preprocessing and tokenizer; hit and skip counts are summed over ranks, so all ranks log the
+    same numbers, and no image is kept between batches. Metrics: ``zeroshot/top1``, ``top5``,
+    ``chance``, ``samples`` (images scored), ``skipped`` and ``skipped_<reason>``; with several sets,
+    ``zeroshot/<set directory name>/...``.
     """
 
-    def __init__(self, root: str | None = None, classnames: str | None = None, templates: str | None = None,
-                 batch_size: int = 256, max_image_pixels: int | None = None):
-        self.root = root
+    def __init__(self, sets: list[str] | None = None, classnames: str | None = None, templates: str | None = None,
+                 batch_size: int = 256, max_image_pixels: int = MAX_IMAGE_PIXELS, num_workers: int = 0):
+        self.sets = sets
         self.classnames, self.templates = classnames, templates
         self.batch_size = batch_size
         self.max_image_pixels = max_image_pixels
-        self._set = None  # (classnames, templates, shard paths): small, read once
+        self.num_workers = num_workers
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        root = self.root or getattr(trainer.datamodule, "zeroshot_root", None)
-        if root is None:
-            raise ValueError("ZeroShotEvaluation needs root= (a zero-shot set directory) when the data is not `shapes`")
-        self._root = Path(root)
+        if not self.sets and trainer.is_global_zero:
+            log.warning("zero-shot evaluation: no sets given (ZeroShotEvaluation sets=[DIR, ...]), none evaluated")
 
     @torch.no_grad()
-    def evaluate(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, float]:
-        if self._set is None:
-            self._set = load_zeroshot_set(self._root, self.classnames, self.templates)
-        classnames, templates, shards = self._set
-        dm = trainer.datamodule
+    def evaluate_set(self, root: str, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, float]:
+        """This set's metrics, equal on every rank."""
+        classnames, templates, shards = zeroshot_set(root, self.classnames, self.templates)
         model, device = pl_module.model, pl_module.device
-        classifier = build_zero_shot_classifier(model, dm.tokenizer, classnames, templates,
+        tokenizer = factory.create_tokenizer(pl_module.hparams.model_cfg)
+        transform = image_transform_v2(PreprocessCfg(**model.visual.preprocess_cfg), is_train=False)
+        classifier = build_zero_shot_classifier(model, tokenizer, classnames, templates,
                                                 num_classes_per_batch=None, device=device)
-        max_pixels = self.max_image_pixels or getattr(dm, "max_image_pixels", None) or 64_000_000
-        counter = ZeroShotSkipCounter()
-        hits = torch.zeros(3 + len(ZEROSHOT_SKIP_REASONS), device=device)  # top1, top5, count, skips
-
-        def score(batch: list[tuple[torch.Tensor, int]]) -> None:
-            images = torch.stack([image for image, _ in batch])
-            labels = torch.tensor([label for _, label in batch], device=device)
-            features = model.encode_image(images.to(device, pl_module.dtype), normalize=True)
-            top5 = (features @ classifier.to(features.dtype)).topk(min(5, len(classnames)), dim=1).indices
-            hits[0] += (top5[:, 0] == labels).sum()
-            hits[1] += (top5 == labels[:, None]).any(dim=1).sum()
-            hits[2] += len(batch)
-
-        batch = []
-        for image, label in zeroshot_samples(shards, counter, len(classnames), trainer.global_rank,
-                                             trainer.world_size, max_pixels):
-            batch.append((dm.val_transform(image), label))
-            if len(batch) == self.batch_size:
-                score(batch)
-                batch = []
-        if batch:
-            score(batch)
-        hits[3:] = torch.tensor([counter.total[r] for r in ZEROSHOT_SKIP_REASONS], dtype=hits.dtype,
-                                device=device)
-        # one collective per rank and evaluation, also on a rank whose share was empty
-        hits = trainer.strategy.reduce(hits, reduce_op="sum").cpu()
-        count, skips = int(hits[2]), [int(n) for n in hits[3:]]
-        if trainer.is_global_zero and sum(skips):
-            log.warning("zero-shot evaluation skipped %d sample(s) and scored %d: %s", sum(skips), count,
-                        ", ".join(f"{r}={n}" for r, n in zip(ZEROSHOT_SKIP_REASONS, skips) if n))
-        if trainer.is_global_zero and not count:
-            log.warning("zero-shot evaluation scored no image from '%s': top-1/top-5 are NaN", self._root)
-        metrics = {"zeroshot/top1": (hits[0] / hits[2]).item(), "zeroshot/top5": (hits[1] / hits[2]).item(),
-                   "zeroshot/chance": 1.0 / len(classnames), "zeroshot/samples": float(count),
-                   "zeroshot/skipped": float(sum(skips))}
-        metrics.update({f"zeroshot/skipped_{r}": float(n) for r, n in zip(ZEROSHOT_SKIP_REASONS, skips)})
+        counts = torch.zeros(3 + len(SKIP_REASONS), device=device)  # top1, top5, scored, skips by reason
+        for batch in eval_loader(shards, transform, self.batch_size, "classification", rank=trainer.global_rank,
+                                 world_size=trainer.world_size, num_workers=self.num_workers,
+                                 num_classes=len(classnames), max_pixels=self.max_image_pixels):
+            counts[3:] += batch["skipped"].to(device)
+            if len(batch["image"]):
+                labels = batch["label"].to(device)
+                features = model.encode_image(batch["image"].to(device, pl_module.dtype), normalize=True)
+                top5 = (features @ classifier.to(features.dtype)).topk(min(5, len(classnames)), dim=1).indices
+                counts[0] += (top5[:, 0] == labels).sum()
+                counts[1] += (top5 == labels[:, None]).any(dim=1).sum()
+                counts[2] += len(labels)
+        # one collective per rank and set, also on a rank whose share was empty
+        counts = trainer.strategy.reduce(counts, reduce_op="sum").cpu()
+        scored, skips = int(counts[2]), dict(zip(SKIP_REASONS, (int(n) for n in counts[3:])))
+        if trainer.is_global_zero and sum(skips.values()):
+            log.warning("zero-shot evaluation of '%s' skipped %d sample(s) and scored %d: %s", root,
+                        sum(skips.values()), scored, ", ".join(f"{r}={n}" for r, n in skips.items() if n))
+        if trainer.is_global_zero and not scored:
+            log.warning("zero-shot evaluation scored no image from '%s': top-1/top-5 are NaN", root)
+        metrics = {"top1": (counts[0] / counts[2]).item(), "top5": (counts[1] / counts[2]).item(),
+                   "chance": 1.0 / len(classnames), "samples": float(scored), "skipped": float(sum(skips.values()))}
+        metrics.update({f"skipped_{r}": float(n) for r, n in skips.items()})
         return metrics
+
+    def evaluate(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, float]:
+        sets = self.sets or []
+        prefix = {root: "zeroshot/" if len(sets) == 1 else f"zeroshot/{Path(root).name}/" for root in sets}
+        return {prefix[root] + name: value for root in sets
+                for name, value in self.evaluate_set(root, trainer, pl_module).items()}
 
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.sanity_checking:
@@ -223,7 +132,7 @@ class SkipMonitor(pl.Callback):
             detail = ", ".join(f"{r}={n}" for r, n in zip(SKIP_REASONS, skipped.tolist()) if n)
             raise RuntimeError(f"{total_skipped} of {seen} samples skipped ({total_skipped / seen:.1%} > "
                                f"max_skip_rate {self.max_skip_rate:.1%}): {detail}. Check the shards with "
-                               "`python data_scripts/check_shards.py`.")
+                               "`python -m clip_hvt.data.check --paths DIR`.")
 
     def on_validation_epoch_start(self, trainer, pl_module) -> None:
         self.val_skipped.zero_()
@@ -251,5 +160,6 @@ class SkipMonitor(pl.Callback):
         return {"skipped": self.skipped.tolist(), "used": self.used}
 
     def load_state_dict(self, state: dict) -> None:
-        self.skipped = torch.tensor(state["skipped"], dtype=torch.long)
+        counts = state["skipped"] + [0] * (len(SKIP_REASONS) - len(state["skipped"]))  # older runs: fewer reasons
+        self.skipped = torch.tensor(counts, dtype=torch.long)
         self.used = state["used"]

@@ -15,7 +15,6 @@ from typing import Any
 import open_clip
 import timm
 import torch
-import torchvision.transforms as T
 from open_clip.model import CLIPTextCfg, CLIPVisionCfg
 from open_clip.transform import PreprocessCfg
 
@@ -118,27 +117,6 @@ def image_transforms(model_cfg: dict, aug_cfg: dict | None = None):
     pp = PreprocessCfg(**preprocess_cfg(model_cfg))
     train = open_clip.transform.image_transform_v2(pp, is_train=True, aug_cfg=aug_cfg)
     return train, open_clip.transform.image_transform_v2(pp, is_train=False)
-
-
-def split_normalize(transform):
-    """Split open_clip's ``[..., ToTensor, Normalize]`` into a uint8 part and (mean, std).
-
-    Loader workers then ship uint8 images (4x less inter-process traffic) and the data module
-    normalizes whole batches on the device; the arithmetic is ToTensor's and Normalize's.
-    Returns None for a transform of another shape (the full transform is used then).
-    """
-    steps = getattr(transform, "transforms", None)
-    if not steps or len(steps) < 2 or not isinstance(steps[-2], T.ToTensor) or not isinstance(steps[-1], T.Normalize):
-        return None
-    return T.Compose([*steps[:-2], T.PILToTensor()]), tuple(steps[-1].mean), tuple(steps[-1].std)
-
-
-def normalize_uint8(images: torch.Tensor, mean, std) -> torch.Tensor:
-    """ToTensor (/255) then Normalize, batched, on whatever device ``images`` is on."""
-    shape = (1, -1, 1, 1)
-    mean = torch.as_tensor(mean, dtype=torch.float32, device=images.device).view(shape)
-    std = torch.as_tensor(std, dtype=torch.float32, device=images.device).view(shape)
-    return images.float().div_(255).sub_(mean).div_(std)
 
 
 def create_tokenizer(model_cfg: dict):

@@ -261,7 +261,8 @@ class CLIPModule(pl.LightningModule):
             self._paused_broadcast = False
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
-        self._val_features.append(self.encode(batch["image"], batch["text"]))
+        if len(batch["image"]):  # a batch without images only brings the loader's last skip counts
+            self._val_features.append(self.encode(batch["image"], batch["text"]))
 
     def on_validation_epoch_end(self) -> None:
         # Every rank gathers, also one whose share of the validation shards was empty (float32 on all

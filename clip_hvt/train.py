@@ -12,7 +12,7 @@ import warnings
 from lightning.pytorch.cli import LightningCLI
 
 from . import slurm
-from .callbacks import SkipMonitor
+from .callbacks import SkipMonitor, ZeroShotEvaluation
 from .data.datamodule import WebDataModule
 from .export import export_from_trainer
 from .module import CLIPModule
@@ -72,6 +72,9 @@ def build(args: list[str] | None = None) -> CLI:
     for required in (SkipMonitor, slurm.RequeueOnSignal):
         if not any(isinstance(c, required) for c in cli.trainer.callbacks):
             cli.trainer.callbacks.append(required())
+    for callback in cli.trainer.callbacks:  # no sets given: the data's own zero-shot set (shapes), if any
+        if isinstance(callback, ZeroShotEvaluation) and callback.sets is None:
+            callback.sets = cli.datamodule.zeroshot_sets
     return cli
 
 

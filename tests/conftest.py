@@ -1,6 +1,12 @@
+"""Shared test builders: a tar writer that can cut its output, JPEG bytes, a tiny model config."""
+import io
 import os
+import tarfile
+from pathlib import Path
 
+import numpy as np
 import pytest
+from PIL import Image
 
 # Tests never reach the network: wandb offline, Hugging Face offline.
 os.environ.setdefault("WANDB_MODE", "offline")
@@ -9,6 +15,44 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 TESTS = os.path.dirname(__file__)
 TINY_CONFIG = os.path.join(TESTS, "configs", "tiny.yaml")
+
+# The smallest open_clip config with a timm tower that trains and evaluates in a second on a CPU.
+TINY_MODEL_CFG = {
+    "embed_dim": 16,
+    "vision_cfg": {"timm_model_name": "pvt_v2_b0", "image_size": 32},
+    "text_cfg": {"context_length": 16, "width": 32, "heads": 2, "layers": 1},
+}
+
+
+def jpeg(seed=0, size=32, quality=90) -> bytes:
+    """JPEG bytes of random pixels; ``size`` is a side or (width, height)."""
+    width, height = (size, size) if isinstance(size, int) else size
+    pixels = np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="JPEG", quality=quality)
+    return buf.getvalue()
+
+
+def write_tar(path, entries, cut_in=None, end_block=True) -> dict:
+    """Write ``[(key, {ext: bytes})]`` as a tar, members in order; returns each member's header offset.
+
+    ``cut_in=i``: the file ends 100 bytes into the data of entry ``i``'s first member (a download cut
+    mid-sample); ``end_block=False``: no end-of-archive block (a writer that died between members).
+    """
+    buf, offsets, starts = io.BytesIO(), {}, []
+    tar = tarfile.open(fileobj=buf, mode="w")
+    for key, members in entries:
+        starts.append(buf.tell())
+        for ext, data in members.items():
+            offsets[f"{key}.{ext}"] = buf.tell()
+            info = tarfile.TarInfo(f"{key}.{ext}")
+            info.size, info.mtime = len(data), 1_700_000_000
+            tar.addfile(info, io.BytesIO(data))
+    if end_block:
+        tar.close()
+    data = buf.getvalue()
+    Path(path).write_bytes(data if cut_in is None else data[:starts[cut_in] + tarfile.BLOCKSIZE + 100])
+    return offsets
 
 
 @pytest.fixture

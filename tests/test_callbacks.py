@@ -13,16 +13,13 @@ import torch
 from open_clip.zero_shot_classifier import build_zero_shot_classifier
 from PIL import Image
 
-from clip_hvt.callbacks import ZEROSHOT_SKIP_REASONS, ZeroShotEvaluation
+from clip_hvt import callbacks
+from clip_hvt.callbacks import ZeroShotEvaluation
 from clip_hvt.data.datamodule import Shapes, WebDataModule
+from clip_hvt.data.sample import SKIP_REASONS
 from clip_hvt.module import CLIPModule
-from tests.test_datamodule import write_tar  # the same hand-built (and truncatable) tar writer
-
-TINY_CFG = {
-    "embed_dim": 16,
-    "vision_cfg": {"timm_model_name": "pvt_v2_b0", "image_size": 32},
-    "text_cfg": {"context_length": 16, "width": 32, "heads": 2, "layers": 1},
-}
+from tests.conftest import TINY_MODEL_CFG as TINY_CFG
+from tests.conftest import write_tar
 CLASSNAMES = ["red circle", "blue square", "green triangle", "yellow star", "purple hexagon", "orange cross",
               "black ring"]
 TEMPLATES = ["a photo of a {}.", "a {} shape."]
@@ -107,7 +104,7 @@ def test_streamed_evaluation_matches_open_clip_classifier_applied_directly(shape
     top5 = sum(r < 5 for r in ranks) / len(ranks)
 
     for batch_size in (4, 256):  # partial last batches across shards, and all in one batch
-        callback = ZeroShotEvaluation(root=str(root), batch_size=batch_size)
+        callback = ZeroShotEvaluation(sets=[str(root)], batch_size=batch_size)
         trainer, logged = _validate(callback, module, shapes_root)
         result = callback.evaluate(trainer, module)
         assert result["zeroshot/samples"] == len(images) and result["zeroshot/skipped"] == 0
@@ -119,7 +116,7 @@ def test_streamed_evaluation_matches_open_clip_classifier_applied_directly(shape
 
 def test_embedded_shapes_set_keeps_its_metric_names_and_values(shapes_root):
     module = _module()
-    callback = ZeroShotEvaluation(batch_size=7)
+    callback = ZeroShotEvaluation(sets=[str(shapes_root / "zeroshot")], batch_size=7)
     trainer, logged = _validate(callback, module, shapes_root)
     dm = trainer.datamodule
     classnames = json.loads((shapes_root / "zeroshot" / "classnames.json").read_text())
@@ -165,12 +162,11 @@ def _faulty_set(root, images):
 def test_broken_samples_and_truncated_shard_are_skipped_and_counted(shapes_root, tmp_path):
     module = _module()
     root, skips, scored = _faulty_set(tmp_path / "zs", _shapes_images(shapes_root, 10))
-    callback = ZeroShotEvaluation(root=str(root), batch_size=3)
+    callback = ZeroShotEvaluation(sets=[str(root)], batch_size=3)
     trainer, logged = _validate(callback, module, shapes_root)  # raised on the old reader
     for result in (logged, callback.evaluate(trainer, module)):
         assert result["zeroshot/skipped"] == sum(skips.values())
-        assert {r: result[f"zeroshot/skipped_{r}"] for r in ZEROSHOT_SKIP_REASONS} == \
-            {r: skips.get(r, 0) for r in ZEROSHOT_SKIP_REASONS}
+        assert {r: result[f"zeroshot/skipped_{r}"] for r in SKIP_REASONS} == {r: skips.get(r, 0) for r in SKIP_REASONS}
         assert result["zeroshot/samples"] == scored
         assert 0 <= result["zeroshot/top1"] <= result["zeroshot/top5"] <= 1
 
@@ -195,7 +191,7 @@ def test_ranks_score_disjoint_shares_that_sum_to_the_whole_set_with_one_reduce_e
     root, skips, scored = _faulty_set(tmp_path / "zs", _shapes_images(shapes_root, 10))
 
     def counts(rank, world):
-        callback = ZeroShotEvaluation(root=str(root), batch_size=2)
+        callback = ZeroShotEvaluation(sets=[str(root)], batch_size=2)
         strategy = RecordingStrategy()
         trainer = SimpleNamespace(global_rank=rank, world_size=world, is_global_zero=rank == 0,
                                   datamodule=dm, strategy=strategy)
@@ -231,34 +227,34 @@ def _held(obj, seen=None, depth=0):
     return [x for item in items for x in _held(item, seen, depth + 1)]
 
 
-def test_no_image_is_kept_between_evaluations_and_scoring_streams(shapes_root, tmp_path):
+def test_no_image_is_kept_between_evaluations_and_scoring_streams(shapes_root, tmp_path, monkeypatch):
     module = _module()
     images = _shapes_images(shapes_root, 20)
     root = write_set(tmp_path / "zs", [([(f"s{i:03d}", {"jpg": b, "cls": str(i % 7).encode()})
                                          for i, b in enumerate(images)], None)])
-    callback = ZeroShotEvaluation(root=str(root), batch_size=3)
+    callback = ZeroShotEvaluation(sets=[str(root)], batch_size=3)
     trainer, _ = _validate(callback, module, shapes_root)
     assert _held(callback) == []
     state = {k: v for k, v in vars(callback).items() if not callable(v)}  # Lightning binds the module's log
     assert len(pickle.dumps(state)) < sum(map(len, images)) / 10
 
     # Decoding runs at most one batch ahead of scoring: images are not all read, then scored.
-    dm, transformed, encoded = trainer.datamodule, [], []
-    transform, encode = dm.val_transform, module.model.encode_image
+    transformed, encoded = [], []
+    encode, build_transform = module.model.encode_image, callbacks.image_transform_v2
 
-    def counting_transform(image):
-        transformed.append(1)
-        return transform(image)
+    def counting_transform(*args, **kw):
+        transform = build_transform(*args, **kw)
+        return lambda image: transformed.append(1) or transform(image)
 
     def recording_encode(batch, **kw):
         encoded.append((len(transformed), batch.shape[0]))
         return encode(batch, **kw)
 
-    dm.val_transform, module.model.encode_image = counting_transform, recording_encode
+    monkeypatch.setattr(callbacks, "image_transform_v2", counting_transform)
+    module.model.encode_image = recording_encode
     try:
         callback.evaluate(trainer, module)
     finally:
-        dm.val_transform = transform
         del module.model.encode_image  # the class's method again
     assert [n for _, n in encoded] == [3] * 6 + [2]
     done = 0
@@ -269,6 +265,24 @@ def test_no_image_is_kept_between_evaluations_and_scoring_streams(shapes_root, t
 
 
 def test_missing_shards_is_a_clear_error(tmp_path):
-    from clip_hvt.callbacks import load_zeroshot_set
+    from clip_hvt.data.pipeline import zeroshot_set
     with pytest.raises(FileNotFoundError, match="no \\*.tar shards"):
-        load_zeroshot_set(tmp_path)
+        zeroshot_set(tmp_path)
+
+
+def test_no_sets_evaluates_nothing_with_a_one_line_notice(caplog):
+    callback = ZeroShotEvaluation()
+    trainer = SimpleNamespace(is_global_zero=True)
+    callback.setup(trainer, None, "fit")
+    assert "zero-shot evaluation: no sets given" in caplog.text
+    assert callback.evaluate(trainer, None) == {}
+
+
+def test_skip_monitor_resumes_counts_of_a_run_that_knew_fewer_reasons():
+    from clip_hvt.callbacks import SkipMonitor
+    monitor = SkipMonitor()
+    monitor.load_state_dict({"skipped": [1, 2, 3, 4, 5, 6, 7, 8], "used": 100})  # the 8 reasons of older releases
+    assert dict(zip(SKIP_REASONS, monitor.skipped.tolist())) == {
+        "corrupt_shard": 1, "no_image": 2, "undecodable_image": 3, "image_too_large": 4, "no_caption": 5,
+        "empty_caption": 6, "caption_not_utf8": 7, "pickle_member": 8, "no_label": 0, "duplicate_member": 0}
+    assert monitor.state_dict() == {"skipped": [1, 2, 3, 4, 5, 6, 7, 8, 0, 0], "used": 100}

@@ -1,35 +1,50 @@
-"""Shard checker: data_scripts/check_shards.py over clip_hvt.data.check."""
-import importlib.util
-import io
+"""The shard checker reports what the training reader will skip, under the same names and counts."""
 import json
 import pickle
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import pytest
-import webdataset as wds
 from PIL import Image
 
+from clip_hvt.data import check
 from clip_hvt.data.check import check_shard
 from clip_hvt.data.convert import WriteOptions, read_folder, write_shards
+from clip_hvt.data.datamodule import WebDataModule
+from clip_hvt.data.sample import SKIP_REASONS
+from tests.conftest import TINY_MODEL_CFG, jpeg, write_tar
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def check_main(argv):
-    spec = importlib.util.spec_from_file_location('check_shards', REPO / 'data_scripts' / 'check_shards.py')
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.main(argv)
+def run_check(*args):
+    with pytest.raises(SystemExit) as exit_info:
+        check.main([*map(str, args)])
+    return exit_info.value.code
 
 
-def jpeg_bytes(seed, size=(64, 80)):
-    pixels = np.random.default_rng(seed).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
-    buf = io.BytesIO()
-    Image.fromarray(pixels).save(buf, format='JPEG', quality=90)
-    return buf.getvalue()
+def good(i):
+    return {"jpg": jpeg(i, (40, 32)), "txt": f"caption {i}".encode(), "json": b'{"row": 1}'}
+
+
+def write_set(directory, entries, shard_size=4, sizes=True):
+    """Shards of ``shard_size`` entries ``(key, members)`` plus sizes.json."""
+    directory.mkdir(parents=True, exist_ok=True)
+    counts = {}
+    for start in range(0, len(entries), shard_size):
+        name = f"train-{start // shard_size:06d}.tar"
+        write_tar(directory / name, entries[start:start + shard_size])
+        counts[name] = len(entries[start:start + shard_size])
+    if sizes:
+        (directory / "sizes.json").write_text(json.dumps(counts))
+    return directory
+
+
+def reasons(out):
+    return {line.split(":")[0] for line in out.splitlines()[1:-1] if line and not line.startswith((" ", "wrote"))}
 
 
 class _TouchOnLoad:
@@ -42,135 +57,127 @@ class _TouchOnLoad:
         return Path.touch, (Path(self.path),)
 
 
-def good_sample(i):
-    return {'__key__': f'{i:09d}', 'jpg': jpeg_bytes(i), 'txt': f'caption {i}'.encode(), 'json': b'{"row": 1}'}
+# One sample of each fault kind the reader skips, with the reason it is skipped for.
+FAULTS = {
+    "truncated jpeg": ({"jpg": jpeg(1)[:200], "txt": b"cut image"}, "undecodable_image"),
+    "too many pixels": ({"jpg": jpeg(2, 64), "txt": b"huge image"}, "image_too_large"),
+    "no image": ({"txt": b"a caption alone"}, "no_image"),
+    "missing caption": ({"jpg": jpeg(3)}, "no_caption"),
+    "empty caption": ({"jpg": jpeg(4), "txt": b"  \n"}, "empty_caption"),
+    "non-UTF-8 caption": ({"jpg": jpeg(5), "txt": b"caf\xe9 cr\xe8me"}, "caption_not_utf8"),
+    "pickle member": ({"jpg": jpeg(6), "txt": b"pickled", "pyd": pickle.dumps({"x": 1})}, "pickle_member"),
+}
+MAX_PIXELS = 2000  # the 32x32 images pass, the 64x64 one does not
 
 
-def write_set(directory, samples, shard_size=4, sizes=True):
-    """Shards of `shard_size` samples written as given (raw bytes, no encoding) plus sizes.json."""
-    directory.mkdir(parents=True, exist_ok=True)
-    counts = {}
-    for start in range(0, len(samples), shard_size):
-        name = f'train-{start // shard_size:06d}.tar'
-        with wds.TarWriter(str(directory / name), encoder=False) as writer:
-            for sample in samples[start:start + shard_size]:
-                writer.write(sample)
-        counts[name] = len(samples[start:start + shard_size])
-    if sizes:
-        (directory / 'sizes.json').write_text(json.dumps(counts))
-    return directory
+def test_checker_and_training_loader_report_the_same_reasons_and_counts(tmp_path):
+    entries = []
+    for i, (members, _) in enumerate(FAULTS.values()):
+        entries += [(f"good{i}", {"jpg": jpeg(10 + i), "txt": b"fine"}), (f"bad{i}", members)]
+    entries += [("good_last", {"jpg": jpeg(30), "txt": b"fine"}), ("cut", {"jpg": jpeg(31), "txt": b"lost"})]
+    write_tar(tmp_path / "faults.tar", entries, cut_in=len(entries) - 1)  # and a shard cut inside its last sample
+    expected = {**Counter(reason for _, reason in FAULTS.values()), "corrupt_shard": 1}
+
+    report = check_shard(tmp_path / "faults.tar", max_pixels=MAX_PIXELS)
+    checked = Counter(p.reason for p in report.problems)
+
+    dm = WebDataModule(train_shards=str(tmp_path / "faults.tar"), model_cfg=TINY_MODEL_CFG, batch_size=2,
+                       num_workers=0, sample_shuffle=0, max_image_pixels=MAX_PIXELS,
+                       train_num_samples=len(FAULTS) + 1)  # one pass over the shard
+    dm.setup("fit")
+    total = sum(batch["skipped"] for batch in dm.train_dataloader())
+    loaded = {r: n for r, n in zip(SKIP_REASONS, total.tolist()) if n}
+
+    assert checked == loaded == expected
+    assert set(checked) <= set(SKIP_REASONS)
+    assert report.samples == len(entries) - 1 and report.usable == len(FAULTS) + 1
 
 
-def reasons(capsys_out):
-    return {line.split(':')[0] for line in capsys_out.splitlines() if line and not line.startswith((' ', 'wrote'))}
-
-
-def test_clean_set_exits_0(tmp_path, capsys):
-    shards = write_set(tmp_path / 'shards', [good_sample(i) for i in range(10)])
-    assert check_main([str(shards), '--workers', '2']) == 0
+def test_shard_cut_at_a_member_boundary_is_a_count_mismatch(tmp_path, capsys):
+    shards = write_set(tmp_path / "shards", [(f"{i:04d}", good(i)) for i in range(10)], shard_size=10)
+    tar = shards / "train-000000.tar"
+    offsets = write_tar(tar, [(f"{i:04d}", good(i)) for i in range(10)])
+    tar.write_bytes(tar.read_bytes()[:offsets["0005.jpg"]])  # the first member of sample 5 starts here
+    assert run_check("--paths", shards) == 1
     out = capsys.readouterr().out
-    assert '3 shards, 10 samples, 10 with an image, 10 usable' in out and out.rstrip().endswith('clean')
+    assert "count_mismatch: 1" in out and "_stats.json says 10, the shard holds 4 readable samples" in out
+    assert "corrupt_shard: 1" in out and "no_caption" not in out
 
 
-def test_converter_output_is_clean(tmp_path):
+def test_img2dataset_stats_are_the_count_compared(tmp_path, capsys):
+    write_tar(tmp_path / "00000.tar", [(f"{i:04d}", good(i)) for i in range(3)])
+    (tmp_path / "00000_stats.json").write_text(json.dumps({"successes": 5}))
+    assert run_check("--paths", tmp_path) == 1
+    assert "_stats.json says 5, the shard holds 3 readable samples" in capsys.readouterr().out
+    (tmp_path / "00000_stats.json").write_text(json.dumps({"successes": 3}))
+    assert run_check("--paths", tmp_path) == 0
+
+
+def test_zero_shot_set_is_valid_and_bad_labels_are_found(tmp_path, capsys):
+    entries = [(f"{i:04d}", {"jpg": jpeg(i), "cls": str(i % 3).encode()}) for i in range(6)]
+    shards = write_set(tmp_path / "zs", entries, shard_size=3)
+    assert run_check("--paths", shards) == 0
+    assert "2 shards (2 zero-shot), 6 samples, 6 usable" in capsys.readouterr().out
+    entries[4] = ("0004", {"jpg": jpeg(4), "cls": b"four"})
+    write_set(tmp_path / "zs", entries, shard_size=3)
+    assert run_check("--paths", shards) == 1
+    assert reasons(capsys.readouterr().out) == {"no_label"}
+
+
+def test_clean_set_and_converter_output_exit_0(tmp_path, capsys):
+    shards = write_set(tmp_path / "shards", [(f"{i:04d}", good(i)) for i in range(10)])
+    assert run_check("--paths", shards, "--workers", 2) == 0
+    assert capsys.readouterr().out.rstrip().endswith("clean")
     for i in range(6):
-        path = tmp_path / 'src' / f'{i}.png'
+        path = tmp_path / "src" / f"{i}.png"
         path.parent.mkdir(exist_ok=True)
         Image.fromarray(np.full((70, 90, 3), i * 40, dtype=np.uint8)).save(path)
-        path.with_suffix('.txt').write_text(f'grey level {i}')
-    write_shards(read_folder(tmp_path / 'src'), tmp_path / 'out', WriteOptions(resize=32, val_fraction=0.3, maxcount=2))
-    assert check_main([str(tmp_path / 'out'), '--workers', '1']) == 0
-
-
-def _truncate(data):
-    return data[:len(data) // 2]
-
-
-FAULTS = {
-    # name: (how sample 5 of 8 is broken, the reason expected)
-    'truncated jpeg': (lambda s: {**s, 'jpg': _truncate(s['jpg'])}, 'undecodable image'),
-    'non-image bytes': (lambda s: {**s, 'jpg': b'<html>404 not found</html>'}, 'undecodable image'),
-    'empty caption': (lambda s: {**s, 'txt': b' \n '}, 'empty caption'),
-    'non-utf8 caption': (lambda s: {**s, 'txt': 'caf\xe9'.encode('latin-1')}, 'non-UTF-8 caption'),
-    'no caption member': (lambda s: {k: v for k, v in s.items() if k != 'txt'}, 'missing caption'),
-    'json list': (lambda s: {**s, 'json': b'[1, 2]'}, 'bad json'),
-}
-
-
-@pytest.mark.parametrize('fault', sorted(FAULTS))
-def test_injected_sample_fault_is_found_with_its_reason(tmp_path, capsys, fault):
-    corrupt, reason = FAULTS[fault]
-    samples = [good_sample(i) for i in range(8)]
-    samples[5] = corrupt(samples[5])
-    shards = write_set(tmp_path / 'shards', samples)
-    assert check_main([str(shards), '--workers', '1']) == 1
-    out = capsys.readouterr().out
-    assert reasons(out) - {'2 shards, 8 samples, 8 with an image, 7 usable', '1 problems'} == {reason}
-    assert f'train-000001.tar: {5:09d}' in out
+        path.with_suffix(".txt").write_text(f"grey level {i}")
+    write_shards(read_folder(tmp_path / "src"), tmp_path / "out", WriteOptions(resize=32, val_fraction=0.3, maxcount=2))
+    assert run_check("--paths", tmp_path / "out") == 0
 
 
 def test_pickle_member_is_listed_never_loaded(tmp_path, capsys):
-    marker = tmp_path / 'unpickled'
-    samples = [good_sample(i) for i in range(4)]
-    # a pickle built on purpose: loading it would create `marker`
-    samples[2] = {**samples[2], 'pyd': pickle.dumps(_TouchOnLoad(marker))}
-    shards = write_set(tmp_path / 'shards', samples)
-    assert check_main([str(shards), '--workers', '1']) == 1
-    out = capsys.readouterr().out
-    assert f'pickle-like member: 1\n  {shards / "train-000000.tar"}: {2:09d}.pyd' in out
+    marker = tmp_path / "unpickled"
+    entries = [(f"{i:04d}", good(i)) for i in range(4)]
+    entries[2] = ("0002", {**good(2), "pyd": pickle.dumps(_TouchOnLoad(marker))})
+    shards = write_set(tmp_path / "shards", entries)
+    assert run_check("--paths", shards) == 1
+    assert f"pickle_member: 1\n  {shards / 'train-000000.tar'}: 0002 (pyd)" in capsys.readouterr().out
     assert not marker.exists()
 
 
-def test_truncated_tar_is_found(tmp_path, capsys):
-    shards = write_set(tmp_path / 'shards', [good_sample(i) for i in range(8)])
-    tar = shards / 'train-000001.tar'
-    tar.write_bytes(_truncate(tar.read_bytes()))
-    assert check_main([str(shards), '--workers', '2']) == 1
-    out = capsys.readouterr().out
-    assert 'truncated tar: 1\n  ' + f'{tar}: train-000001.tar (' in out
-    assert 'sizes.json mismatch: 1' in out  # sizes.json still promises 4 samples
+def test_findings_beyond_skips_duplicate_key_and_bad_json(tmp_path):
+    entries = [(f"{i:04d}", good(i)) for i in range(3)] + [("0000", {**good(0), "json": b"[1, 2]"})]
+    write_set(tmp_path / "shards", entries)
+    report = check_shard(tmp_path / "shards" / "train-000000.tar")
+    assert [(p.reason, p.where) for p in report.problems] == [("duplicate_key", "0000"), ("bad_json", "0000")]
 
 
-def test_images_above_max_pixels_fail_as_decompression_bombs(tmp_path, capsys):
-    shards = write_set(tmp_path / 'shards', [good_sample(i) for i in range(2)])  # 64x80 = 5120 pixels
-    assert check_main([str(shards), '--max-pixels', '5000', '--workers', '1']) == 1
-    assert 'decompression bomb: 2' in capsys.readouterr().out
-    assert check_main([str(shards), '--max-pixels', '6000', '--workers', '1']) == 0
+def test_write_sizes_counts_the_samples_the_reader_yields(tmp_path, capsys):
+    entries = [(f"{i:04d}", good(i)) for i in range(6)]
+    entries[1] = ("0001", {**good(1), "jpg": b"broken"})
+    shards = write_set(tmp_path / "shards", entries, shard_size=3, sizes=False)
+    assert run_check("--paths", shards) == 1
+    assert "sizes_missing: 2" in capsys.readouterr().out
+    assert run_check("--paths", shards, "--write_sizes", "true", "--report", tmp_path / "r.json") == 1
+    assert json.loads((shards / "sizes.json").read_text()) == {"train-000000.tar": 3, "train-000001.tar": 3}
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert [(s["samples"], s["usable"]) for s in report["shards"]] == [(3, 2), (3, 3)]
+    assert [p["reason"] for p in report["problems"]] == ["undecodable_image"]
 
 
-def test_duplicate_key_is_found(tmp_path):
-    samples = [good_sample(i) for i in range(3)] + [good_sample(0)]
-    write_set(tmp_path / 'shards', samples)
-    report = check_shard(tmp_path / 'shards' / 'train-000000.tar')
-    assert [(p.reason, p.where) for p in report.problems] == [('duplicate key', f'{0:09d}')]
+def test_user_errors_end_in_one_line(tmp_path, capsys):
+    for args, message in ((["--paths", tmp_path / "nowhere"], "no such shard file or directory"),
+                          (["--paths", tmp_path], "no .tar files under"),
+                          (["--paths", tmp_path, "--workers", "0"], "--workers and --max_image_pixels must be >= 1")):
+        code = run_check(*args)
+        assert message in str(code) and "\n" not in str(code)
 
 
-def test_write_sizes_counts_samples_with_an_image(tmp_path, capsys):
-    samples = [good_sample(i) for i in range(6)]
-    samples[1] = {**samples[1], 'jpg': b'broken'}  # attempted by the reader: counted
-    samples[4] = {k: v for k, v in samples[4].items() if k != 'jpg'}  # nothing to attempt: not counted
-    shards = write_set(tmp_path / 'shards', samples, shard_size=3, sizes=False)
-    assert check_main([str(shards), '--workers', '1']) == 1
-    assert 'sizes.json missing: 1' in capsys.readouterr().out
-    assert check_main([str(shards), '--workers', '1', '--write-sizes', '--report', str(tmp_path / 'r.json')]) == 1
-    assert json.loads((shards / 'sizes.json').read_text()) == {'train-000000.tar': 3, 'train-000001.tar': 2}
-    report = json.loads((tmp_path / 'r.json').read_text())
-    assert [(s['samples'], s['with_image'], s['usable']) for s in report['shards']] == [(3, 3, 2), (3, 2, 2)]
-    assert sorted(p['reason'] for p in report['problems']) == ['no image', 'undecodable image']
-
-
-def test_usage_errors_exit_2(tmp_path):
-    for argv in ([str(tmp_path / 'nowhere')], [str(tmp_path)], [str(tmp_path), '--workers', '0']):
-        with pytest.raises(SystemExit) as exit_info:
-            check_main(argv)
-        assert exit_info.value.code == 2
-
-
-def test_cli_exit_status_from_a_checkout(tmp_path):
-    samples = [good_sample(i) for i in range(3)]
-    samples[0] = {**samples[0], 'txt': b''}
-    shards = write_set(tmp_path / 'shards', samples)
-    result = subprocess.run([sys.executable, str(REPO / 'data_scripts' / 'check_shards.py'), str(shards)],
-                            capture_output=True, text=True, cwd=tmp_path)
+def test_console_module_exit_status(tmp_path):
+    shards = write_set(tmp_path / "shards", [("0000", {**good(0), "txt": b""}), ("0001", good(1))])
+    result = subprocess.run([sys.executable, "-m", "clip_hvt.data.check", "--paths", str(shards)],
+                            capture_output=True, text=True, cwd=REPO)
     assert result.returncode == 1, result.stderr
-    assert 'empty caption: 1' in result.stdout
+    assert "empty_caption: 1" in result.stdout

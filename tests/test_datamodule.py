@@ -4,7 +4,6 @@ import csv
 import io
 import json
 import pickle
-import tarfile
 from collections import Counter
 from pathlib import Path
 from types import SimpleNamespace
@@ -17,18 +16,9 @@ from PIL import Image
 from clip_hvt import train
 from clip_hvt.data import datamodule
 from clip_hvt.data.datamodule import WebDataModule
-from clip_hvt.data.decode import SKIP_REASONS, SkipCounter
-
-MODEL_CFG = {"embed_dim": 32, "vision_cfg": {"timm_model_name": "pvt_v2_b0", "image_size": 32},
-             "text_cfg": {"context_length": 16, "width": 32, "heads": 2, "layers": 1}}
-
-
-def jpeg(seed, size=32):
-    rng = np.random.default_rng(seed)
-    pixels = np.kron(rng.integers(0, 256, (size // 8, size // 8, 3)), np.ones((8, 8, 1))).astype(np.uint8)
-    buf = io.BytesIO()
-    Image.fromarray(pixels).save(buf, format="JPEG", quality=90)
-    return buf.getvalue()
+from clip_hvt.data.sample import SKIP_REASONS
+from tests.conftest import TINY_MODEL_CFG as MODEL_CFG
+from tests.conftest import jpeg, write_tar
 
 
 def good(name, seed=0):
@@ -46,21 +36,6 @@ FAULTS = {
     "pickle member": ({"jpg": jpeg(6), "txt": b"pickled", "pyd": pickle.dumps({"x": 1})}, "pickle_member"),
 }
 MAX_PIXELS = 2000  # 32x32 images pass, the 64x64 one does not
-
-
-def write_tar(path, entries, cut_in=None):
-    """Write ``[(key, {ext: bytes})]``; ``cut_in=i`` truncates the file inside entry i's first member."""
-    buf = io.BytesIO()
-    starts = []
-    with tarfile.open(fileobj=buf, mode="w") as tar:
-        for key, members in entries:
-            starts.append(buf.tell())
-            for ext, data in members.items():
-                info = tarfile.TarInfo(f"{key}.{ext}")
-                info.size, info.mtime = len(data), 1_700_000_000
-                tar.addfile(info, io.BytesIO(data))
-    data = buf.getvalue()
-    Path(path).write_bytes(data if cut_in is None else data[:starts[cut_in] + 512 + 100])
 
 
 def make_dm(train_shards, rank=0, world_size=1, **kw):
@@ -160,7 +135,7 @@ def test_caption_key_list_must_match_the_sources(tmp_path):
         make_dm(tmp_path / "a.tar", caption_key=["txt", "json.a", "json.b"])
 
 
-def test_val_caption_key_reads_val_shards_captioned_only_in_json(tmp_path, monkeypatch):
+def test_val_caption_key_reads_val_shards_captioned_only_in_json(tmp_path):
     write_tar(tmp_path / "t-0.tar", [(f"t{j}", good(f"train {j}", j)) for j in range(8)])
     (tmp_path / "sizes.json").write_text(json.dumps({"t-0.tar": 8}))
     names = []
@@ -176,12 +151,10 @@ def test_val_caption_key_reads_val_shards_captioned_only_in_json(tmp_path, monke
     assert skipped(batches) == {}
     assert len(list(dm.train_dataloader())) == 2  # training still reads txt
     # Without it the train source's txt is used: every val sample is a counted no_caption skip. No
-    # sample decodes, so no batch carries the counts: read them from the loader's counter.
-    counters = []
-    monkeypatch.setattr(datamodule, "SkipCounter", lambda: counters.append(SkipCounter()) or counters[-1])
+    # sample decodes, so one batch without images carries the counts.
     dm = make_dm(tmp_path / "t-0.tar", val_shards=val, batch_size=4)
-    assert list(dm.val_dataloader()) == []
-    assert {r: n for r, n in counters[-1].total.items() if n} == {"no_caption": 9}
+    batches = list(dm.val_dataloader())
+    assert [len(b["image"]) for b in batches] == [0] and skipped(batches) == {"no_caption": 9}
 
 
 # ---- img2dataset output, as img2dataset writes it (webdataset output format) ----
@@ -293,7 +266,7 @@ def test_cli_stops_when_the_skip_rate_passes_the_threshold(tiny_config, tmp_path
     message = str(err.value)
     assert f"{n} of {n + 16} samples skipped ({n / (n + 16):.1%} > max_skip_rate 5.0%)" in message
     assert ", ".join(f"{r}={first[r]}" for r in SKIP_REASONS if r in first) in message
-    assert "check_shards.py" in message
+    assert "python -m clip_hvt.data.check" in message
 
 
 def test_validation_skips_are_counted_per_pass_logged_and_summarised(tiny_config, tmp_path, monkeypatch,
@@ -309,3 +282,27 @@ def test_validation_skips_are_counted_per_pass_logged_and_summarised(tiny_config
     out = capsys.readouterr().out
     assert f"validation skipped {sum(expected.values())} sample(s) (" in out
     assert f"metrics are over the {CLI_CUT - len(CLI_FAULTS)} that decoded" in out
+
+
+def test_shapes_and_train_shards_together_is_an_error_naming_both(tmp_path):
+    write_tar(tmp_path / "a.tar", [("x", good("x"))])
+    with pytest.raises(ValueError, match="data.shapes and data.train_shards are both set"):
+        WebDataModule(train_shards=str(tmp_path / "a.tar"), shapes=datamodule.Shapes(root=str(tmp_path / "s")))
+
+
+def test_shapes_data_names_its_zero_shot_set_and_shards_give_none(tmp_path):
+    shapes = datamodule.Shapes(root=str(tmp_path / "s"))
+    assert WebDataModule(shapes=shapes).zeroshot_sets == [str(tmp_path / "s" / "zeroshot")]
+    write_tar(tmp_path / "a.tar", [("x", good("x"))])
+    assert WebDataModule(train_shards=str(tmp_path / "a.tar")).zeroshot_sets == []
+
+
+def test_shard_glob_reads_every_match_and_a_glob_matching_nothing_is_named(tmp_path):
+    for i in range(3):
+        write_tar(tmp_path / f"part-{i}.tar", [(f"k{i}", good(f"shard {i}", i))])
+    write_tar(tmp_path / "other.tar", [("o", good("other"))])
+    dm = make_dm(f"{tmp_path}/part-*.tar", val_shards=f"{tmp_path}/part-*.tar", batch_size=1, train_num_samples=3)
+    assert sorted(r for b in dm.val_dataloader() for r in token_rows(b["text"])) == \
+        sorted(token_rows(dm.tokenizer([f"shard {i}" for i in range(3)])))
+    with pytest.raises(FileNotFoundError, match=r"shard pattern '.*typo-\*.tar' matched no files"):
+        make_dm(f"{tmp_path}/typo-*.tar")

@@ -62,16 +62,3 @@ def test_image_weights_of_another_model_are_refused(tmp_path):
     with pytest.raises(ValueError, match="lacks .* trunk tensors"):
         create_model(CFG, image_weights=str(path))
 
-
-def test_uint8_split_plus_batched_normalize_equals_open_clip_transform():
-    import numpy as np
-    from PIL import Image
-
-    from clip_hvt.factory import image_transforms, normalize_uint8, split_normalize
-    _, val = image_transforms(CFG)
-    pil_part, mean, std = split_normalize(val)
-    images = [Image.fromarray(np.random.RandomState(i).randint(0, 256, (40, 50, 3), dtype=np.uint8)) for i in range(3)]
-    batch = torch.stack([pil_part(im) for im in images])
-    assert batch.dtype == torch.uint8
-    assert torch.equal(normalize_uint8(batch, mean, std), torch.stack([val(im) for im in images]))
-    assert split_normalize(lambda im: im) is None  # any other transform shape: full transform in the workers

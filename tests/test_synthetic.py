@@ -10,7 +10,7 @@ import webdataset as wds
 
 from clip_hvt.data import synthetic
 
-MAKE_SHAPES = Path(__file__).resolve().parents[1] / "data_scripts" / "make_shapes.py"
+REPO = Path(__file__).resolve().parents[1]
 SMALL = synthetic.ShapesConfig(train_samples=60, val_samples=20, zeroshot_per_class=2, samples_per_shard=25)
 
 
@@ -62,8 +62,9 @@ def test_ensure_regenerates_only_when_parameters_change(tmp_path):
 
 
 def test_make_shapes_command(tmp_path):
-    out = subprocess.run([sys.executable, str(MAKE_SHAPES), str(tmp_path / "d"), "--train-samples", "30",
-                          "--val-samples", "10", "--zeroshot-per-class", "1"], capture_output=True, text=True, check=True)
+    out = subprocess.run([sys.executable, "-m", "clip_hvt.data.synthetic", "--out", str(tmp_path / "d"),
+                          "--train_samples", "30", "--val_samples", "10", "--zeroshot_per_class", "1"],
+                         capture_output=True, text=True, check=True, cwd=REPO)
     assert "--data.shapes.root" in out.stdout
     assert json.loads((tmp_path / "d" / "train" / "sizes.json").read_text()) == {"shapes-train-000000.tar": 30}
 
@@ -107,8 +108,8 @@ def test_a_plain_file_and_a_foreign_manifest_are_refused(tmp_path):
 def test_make_shapes_refuses_a_directory_with_user_files(tmp_path):
     (tmp_path / "d").mkdir()
     (tmp_path / "d" / "thesis.tex").write_text("draft")
-    out = subprocess.run([sys.executable, str(MAKE_SHAPES), str(tmp_path / "d"), "--train-samples", "30"],
-                         capture_output=True, text=True)
+    out = subprocess.run([sys.executable, "-m", "clip_hvt.data.synthetic", "--out", str(tmp_path / "d"),
+                          "--train_samples", "30"], capture_output=True, text=True, cwd=REPO)
     assert out.returncode != 0 and "not a shapes set" in out.stderr and "Traceback" not in out.stderr
     assert (tmp_path / "d" / "thesis.tex").read_text() == "draft"
 

@@ -76,7 +76,8 @@ def test_shard_pattern_matching_nothing_stops_with_listing(tiny_config, in_tmp, 
     (in_tmp / "shards").mkdir()
     (in_tmp / "shards" / "real-000000.tar").write_bytes(b"")
     with pytest.raises(SystemExit) as exc:
-        train.main(["--config", tiny_config, "--data.train_shards", str(in_tmp / "shards" / "typo-{000000..000003}.tar")])
+        train.main(["--config", tiny_config, "--data.shapes", "null",
+                    "--data.train_shards", str(in_tmp / "shards" / "typo-{000000..000003}.tar")])
     message = str(exc.value.code)
     assert "matched no files" in message and "real-000000.tar" in message
 

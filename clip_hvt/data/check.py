@@ -1,148 +1,97 @@
-"""Check WebDataset shards the way the reader will see them, and (re)write sizes.json.
+"""Check WebDataset shards with the reader's own rules, and (re)write sizes.json.
 
-Members are grouped into samples as webdataset does (regular files, key = name up to the first
-dot of the basename, consecutive members with one key form a sample, `__*__` members skipped).
-Every image is fully decoded under PIL's decompression-bomb limit; nothing is ever unpickled:
-members with pickle-like suffixes are only listed.
+Every shard is read by the training reader (``sample.read_tar``) and every sample decoded by its
+decoder (``sample.decode_sample``, images in full, under the same pixel limit): a sample fault is
+reported under the ``SKIP_REASONS`` name the loader counts it under, once per sample, so what this
+command reports is what training will skip. Nothing is ever unpickled. A shard whose samples carry
+``cls`` and no caption is checked as a zero-shot (classification) shard.
 
-sizes.json counts every sample that has an image member, decodable or not: that is the number
-of samples the reader will attempt per epoch (it skips and counts bad ones at decode time), so
-the epoch length derived from sizes.json matches what the loader iterates. Shards written by
-the converters hold only usable samples, so there the two counts agree.
+Beyond what the reader skips, the checker reports ``FINDINGS``: shard-level disagreements that
+training would not notice by itself.
 """
+from __future__ import annotations
+
 import json
 import multiprocessing
-import re
-import tarfile
+import sys
 from collections import defaultdict
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
-from typing import Iterator, Optional, Sequence
+from typing import Sequence
 
-from PIL import Image
 from tqdm import tqdm
-from webdataset.tariterators import base_plus_ext
 
-from .convert import SIZES_FILE, SkipSample, decode_image, pil_limits
+from ..cli import UserError, run
+from .sample import MAX_IMAGE_PIXELS, SkipSample, captions, decode_sample, label, read_tar
+from .shards import shard_sizes
 
-__all__ = ['Problem', 'ShardReport', 'check_shard', 'check_shards', 'find_shards', 'sizes_problems',
-           'write_sizes', 'summarize']
-
-IMAGE_EXTS = ('jpg', 'jpeg', 'png', 'webp')  # the reader's image keys
-CAPTION_EXT = 'txt'
-PICKLE_SUFFIXES = ('pyd', 'pickle', 'pkl', 'pth', 'pt')
-_SKIP_META = re.compile(r'__[^/]*__($|/)')  # webdataset's tar_file_iterator skip_meta
+SIZES_FILE = "sizes.json"
+FINDINGS = {
+    "count_mismatch": "the shard holds another number of readable samples than sizes.json / _stats.json says",
+    "sizes_missing": "no sizes.json and no img2dataset _stats.json beside the shards (training needs a count)",
+    "sizes_unreadable": "sizes.json is not a JSON object",
+    "duplicate_key": "a key appears again after other samples: the reader yields two samples with one key",
+    "bad_json": "the json member is not a JSON object",
+    "empty_shard": "the shard holds no sample",
+}
 
 
 @dataclass
 class Problem:
-    reason: str
+    reason: str  # a key of SKIP_REASONS or FINDINGS
     shard: str
-    where: str  # sample key or member name
-    detail: str = ''
+    where: str  # sample key or shard name
+    detail: str = ""
 
 
 @dataclass
 class ShardReport:
     shard: str
-    samples: int = 0  # samples as webdataset yields them
-    with_image: int = 0  # samples holding an image member: what sizes.json counts
-    usable: int = 0  # decodable image and a non-empty UTF-8 caption
+    task: str = "retrieval"  # or "classification": cls labels, no captions
+    samples: int = 0  # complete samples as the reader yields them: what sizes.json counts
+    usable: int = 0  # samples training would use
     problems: list = field(default_factory=list)
 
 
-class _Truncated(Exception):
-    pass
+def _task(sample: dict, caption_key: str) -> str:
+    caption_member = caption_key.split(".", 1)[0]
+    return "classification" if "cls" in sample and caption_member not in sample else "retrieval"
 
 
-def _members(tar: tarfile.TarFile) -> Iterator[tuple]:
-    """(name, bytes) of regular members; _Truncated when the archive ends inside a member."""
-    try:
-        for info in tar:
-            if info.isreg() and not _SKIP_META.match(info.name):
-                data = tar.extractfile(info).read()
-                if len(data) != info.size:
-                    raise _Truncated(f'{info.name}: {len(data)} of {info.size} bytes')
-                yield info.name, data
-    except (tarfile.TarError, EOFError, OSError) as e:
-        raise _Truncated(f'{type(e).__name__}: {e}') from e
-
-
-def _check_sample(key: str, files: dict) -> list:
-    """(reason, detail) for each fault of one sample; empty when usable."""
-    faults = []
-    images = [ext for ext in IMAGE_EXTS if ext in files]
-    if not images:
-        faults.append(('no image', f'members: {sorted(files)}'))
-    for ext in images:
-        try:
-            decode_image(files[ext])
-        except SkipSample as e:
-            faults.append((e.reason, f'{ext}: {e.detail}'))
-    if CAPTION_EXT not in files:
-        faults.append(('missing caption', f'members: {sorted(files)}'))
-    else:
-        try:
-            if not files[CAPTION_EXT].decode('utf-8').strip():
-                faults.append(('empty caption', ''))
-        except UnicodeDecodeError as e:
-            faults.append(('non-UTF-8 caption', str(e)))
-    if 'json' in files:
-        try:
-            meta = json.loads(files['json'])
-            if not isinstance(meta, dict):
-                faults.append(('bad json', f'a {type(meta).__name__}, not a dict'))
-        except ValueError as e:
-            faults.append(('bad json', str(e)))
-    return faults
-
-
-def check_shard(path, max_pixels: Optional[int] = Image.MAX_IMAGE_PIXELS) -> ShardReport:
-    """Read one shard member by member, group samples and check each."""
+def check_shard(path, caption_key: str = "txt", max_pixels: int = MAX_IMAGE_PIXELS) -> ShardReport:
+    """Read one shard as the loader does and check each sample."""
     report = ShardReport(shard=str(path))
 
-    def problem(reason, where, detail=''):
+    def problem(reason, where, detail=""):
         report.problems.append(Problem(reason, report.shard, where, detail))
 
-    def finish(key, files):
-        report.samples += 1
-        report.with_image += any(ext in files for ext in IMAGE_EXTS)
-        faults = _check_sample(key, files)
-        report.usable += not faults
-        for reason, detail in faults:
-            problem(reason, key, detail)
-
+    seen = set()
     try:
-        tar = tarfile.open(path, 'r:')
-    except (tarfile.TarError, OSError) as e:
-        problem('unreadable tar', Path(path).name, f'{type(e).__name__}: {e}')
-        return report
-    seen, key, files = set(), None, {}
-    with tar, pil_limits(max_pixels):
-        try:
-            for name, data in _members(tar):
-                prefix, suffix = base_plus_ext(name)
-                if prefix is None:
-                    continue  # no extension: the reader ignores it
-                suffix = suffix.lower()
-                if suffix.rsplit('.', 1)[-1] in PICKLE_SUFFIXES:
-                    problem('pickle-like member', name)
-                if prefix != key:
-                    if key is not None:
-                        finish(key, files)
-                    if prefix in seen:
-                        problem('duplicate key', prefix, 'appears again after other samples')
-                    seen.add(prefix)
-                    key, files = prefix, {}
-                if suffix in files:
-                    problem('duplicate member', name)
-                files[suffix] = data
-        except _Truncated as e:
-            problem('truncated tar', Path(path).name, f'{e} after {report.samples} samples')
-        if key is not None:
-            finish(key, files)
+        for sample in read_tar(str(path)):
+            key = sample["__key__"]
+            if report.samples == 0:
+                report.task = _task(sample, caption_key)
+            report.samples += 1
+            if key in seen:
+                problem("duplicate_key", key, "appears again after other samples")
+            seen.add(key)
+            target = partial(captions, key=caption_key) if report.task == "retrieval" else label
+            try:
+                decode_sample(sample, target, max_pixels)
+                report.usable += 1
+            except SkipSample as skip:
+                problem(skip.reason, key, skip.detail)
+            if "json" in sample:
+                try:
+                    if not isinstance(json.loads(sample["json"]), dict):
+                        problem("bad_json", key, "not an object")
+                except ValueError as exn:
+                    problem("bad_json", key, str(exn))
+    except SkipSample as skip:
+        problem(skip.reason, Path(path).name, f"{skip.detail} after {report.samples} samples")
     if report.samples == 0 and not report.problems:
-        problem('empty shard', Path(path).name)
+        problem("empty_shard", Path(path).name)
     return report
 
 
@@ -151,99 +100,121 @@ def find_shards(paths: Sequence) -> dict:
     found = defaultdict(dict)
     for path in map(Path, paths):
         if path.is_dir():
-            tars = sorted(path.rglob('*.tar'))
+            tars = sorted(path.rglob("*.tar"))
             if not tars:
-                raise FileNotFoundError(f'no .tar files under {path}')
+                raise UserError(f"no .tar files under {path}")
         elif path.is_file():
             tars = [path]
         else:
-            raise FileNotFoundError(f'no such shard file or directory: {path}')
+            raise UserError(f"no such shard file or directory: {path}")
         for tar in tars:
             found[tar.parent][tar] = None  # a dict keeps order and drops a shard given twice
     return {directory: list(tars) for directory, tars in found.items()}
 
 
-def _check_one(args) -> ShardReport:
-    return check_shard(*args)
-
-
-def check_shards(tars: Sequence, workers: int = 1, max_pixels: Optional[int] = Image.MAX_IMAGE_PIXELS) -> list:
-    """ShardReports in the order of `tars`, checked by `workers` processes."""
-    tasks = [(str(t), max_pixels) for t in tars]
-    if workers <= 1 or len(tasks) <= 1:
-        return [_check_one(task) for task in tqdm(tasks, unit='shard', desc='checking shards')]
+def check_shards(tars: Sequence, workers: int = 1, caption_key: str = "txt",
+                 max_pixels: int = MAX_IMAGE_PIXELS) -> list:
+    """ShardReports in the order of ``tars``, checked by ``workers`` processes."""
+    check = partial(check_shard, caption_key=caption_key, max_pixels=max_pixels)
+    tars = [str(t) for t in tars]
+    if workers <= 1 or len(tars) <= 1:
+        return [check(t) for t in tqdm(tars, unit="shard", desc="checking shards")]
     # the pool forks before tqdm starts its monitor thread: forking a threaded process can deadlock
-    with multiprocessing.Pool(min(workers, len(tasks))) as pool:
-        results = pool.imap(_check_one, tasks)
-        return list(tqdm(results, total=len(tasks), unit='shard', desc='checking shards'))
+    with multiprocessing.Pool(min(workers, len(tars))) as pool:
+        return list(tqdm(pool.imap(check, tars), total=len(tars), unit="shard", desc="checking shards"))
 
 
-def _read_sizes(directory: Path) -> Optional[dict]:
+def _read_json(path: Path):
     try:
-        with open(directory / SIZES_FILE) as f:
-            sizes = json.load(f)
-        return sizes if isinstance(sizes, dict) else None
+        return json.loads(path.read_text())
     except (OSError, ValueError):
         return None
 
 
-def sizes_problems(directory, reports: Sequence) -> list:
-    """Disagreements between sizes.json in `directory` and the checked shards in it."""
-    directory = Path(directory)
-    where = str(directory / SIZES_FILE)
-    if not (directory / SIZES_FILE).exists():
-        if any(directory.glob('*_stats.json')):
-            return []  # img2dataset layout: the reader counts from its stats files
-        return [Problem('sizes.json missing', where, directory.name, 'run with --write-sizes')]
-    sizes = _read_sizes(directory)
-    if sizes is None:
-        return [Problem('sizes.json unreadable', where, SIZES_FILE, 'not a JSON object; run with --write-sizes')]
+def count_problems(directory, reports: Sequence) -> list:
+    """Shards whose sample count differs from the count training reads (``shards.shard_sizes``)."""
+    where = str(Path(directory) / SIZES_FILE)
+    sizes = _read_json(Path(directory) / SIZES_FILE)
+    if (Path(directory) / SIZES_FILE).exists() and not isinstance(sizes, dict):
+        return [Problem("sizes_unreadable", where, SIZES_FILE, "not a JSON object; run with --write_sizes true")]
     problems = []
     for report in reports:
-        name = Path(report.shard).name
-        if sizes.get(name) != report.with_image:
-            problems.append(Problem('sizes.json mismatch', where, name,
-                                    f'says {sizes.get(name)}, shard has {report.with_image} samples with an image'))
-    for name in sorted(sizes):
-        if not (directory / name).exists():
-            problems.append(Problem('sizes.json mismatch', where, name, 'listed shard does not exist'))
+        expected = (shard_sizes([report.shard]) or {}).get(report.shard)
+        if expected is None:
+            problems.append(Problem("sizes_missing", where, Path(report.shard).name, "run with --write_sizes true"))
+        elif expected != report.samples:
+            problems.append(Problem("count_mismatch", report.shard, Path(report.shard).name, f"sizes.json / "
+                                    f"_stats.json says {expected}, the shard holds {report.samples} readable samples"))
+    for name in sorted(sizes or {}):
+        if not (Path(directory) / name).exists():
+            problems.append(Problem("count_mismatch", where, name, "listed shard does not exist"))
     return problems
 
 
-def write_sizes(directory, reports: Sequence) -> dict:
+def save_sizes(directory, reports: Sequence) -> dict:
     """Write sizes.json for the checked shards, keeping entries of other shards that still exist."""
     directory = Path(directory)
-    sizes = {k: v for k, v in (_read_sizes(directory) or {}).items() if (directory / k).exists()}
-    sizes.update({Path(r.shard).name: r.with_image for r in reports})
-    sizes = dict(sorted(sizes.items()))
-    with open(directory / SIZES_FILE, 'w') as f:
-        json.dump(sizes, f, indent=1)
+    old = _read_json(directory / SIZES_FILE)
+    sizes = {k: v for k, v in (old if isinstance(old, dict) else {}).items() if (directory / k).exists()}
+    sizes.update({Path(r.shard).name: r.samples for r in reports})
+    (directory / SIZES_FILE).write_text(json.dumps(dict(sorted(sizes.items())), indent=1))
     return sizes
 
 
 def summarize(reports: Sequence, problems: Sequence, max_list: int = 20) -> str:
-    """Totals, then problems grouped by reason with up to `max_list` entries each (0: all)."""
-    lines = [
-        f'{len(reports)} shards, {sum(r.samples for r in reports)} samples, '
-        f'{sum(r.with_image for r in reports)} with an image, {sum(r.usable for r in reports)} usable'
-    ]
+    """Totals, then problems grouped by reason with up to ``max_list`` entries each (0: all)."""
+    zeroshot = sum(r.task == "classification" for r in reports)
+    lines = [f"{len(reports)} shards ({zeroshot} zero-shot), {sum(r.samples for r in reports)} samples, "
+             f"{sum(r.usable for r in reports)} usable"]
     by_reason = defaultdict(list)
     for p in problems:
         by_reason[p.reason].append(p)
     for reason in sorted(by_reason):
         found = by_reason[reason]
-        lines.append(f'{reason}: {len(found)}')
+        lines.append(f"{reason}: {len(found)}")
         shown = found if max_list == 0 else found[:max_list]
-        lines.extend(f'  {p.shard}: {p.where}' + (f' ({p.detail})' if p.detail else '') for p in shown)
+        lines.extend(f"  {p.shard}: {p.where}" + (f" ({p.detail})" if p.detail else "") for p in shown)
         if len(shown) < len(found):
-            lines.append(f'  ... {len(found) - len(shown)} more')
-    lines.append('clean' if not problems else f'{len(problems)} problems')
-    return '\n'.join(lines)
+            lines.append(f"  ... {len(found) - len(shown)} more")
+    lines.append("clean" if not problems else f"{len(problems)} problems")
+    return "\n".join(lines)
 
 
-def report_dict(reports: Sequence, problems: Sequence) -> dict:
-    """Everything found, for --report."""
-    return {
-        'shards': [{k: v for k, v in asdict(r).items() if k != 'problems'} for r in reports],
-        'problems': [asdict(p) for p in problems],
-    }
+def check(paths: str | list[str], workers: int = 1, caption_key: str = "txt", max_image_pixels: int = MAX_IMAGE_PIXELS,
+          write_sizes: bool = False, max_list: int = 20, report: str | None = None) -> int:
+    """Check WebDataset shards the way the training reader sees them; exit status 1 when problems are found.
+
+    Args:
+        paths: a shard directory (searched recursively) or .tar file, or a list of them (``[a, b]``).
+        workers: processes checking shards in parallel.
+        caption_key: ``txt`` or ``json.<field>``, as ``data.caption_key`` in training.
+        max_image_pixels: larger images are skipped, as ``data.max_image_pixels`` in training.
+        write_sizes: (re)write sizes.json in each directory from the samples found.
+        max_list: problems listed per reason (0: all).
+        report: write every count and problem to this JSON file.
+    """
+    if workers < 1 or max_image_pixels < 1 or max_list < 0:
+        raise UserError("--workers and --max_image_pixels must be >= 1, --max_list >= 0")
+    groups = find_shards([paths] if isinstance(paths, str) else paths)
+    tars = [t for group in groups.values() for t in group]
+    reports = dict(zip(tars, check_shards(tars, workers, caption_key, max_image_pixels)))
+    problems = [p for r in reports.values() for p in r.problems]
+    for directory, group in groups.items():
+        if write_sizes:
+            save_sizes(directory, [reports[t] for t in group])
+            print(f"wrote {directory / SIZES_FILE}")
+        problems += count_problems(directory, [reports[t] for t in group])
+    print(summarize(list(reports.values()), problems, max_list))
+    if report:
+        Path(report).write_text(json.dumps({
+            "shards": [{k: v for k, v in asdict(r).items() if k != "problems"} for r in reports.values()],
+            "problems": [asdict(p) for p in problems]}, indent=1))
+    return 1 if problems else 0
+
+
+def main(args: list[str] | None = None) -> None:
+    sys.exit(run(check, args, prog="python -m clip_hvt.data.check"))
+
+
+if __name__ == "__main__":
+    main()

@@ -23,7 +23,6 @@ height, original_width, original_height, and per source: row / image_id / captio
 with several captions per image (COCO) keep all of them in `json["captions"]`; `txt` is the
 first, so a reader may pick one caption per epoch at load time.
 """
-import argparse
 import hashlib
 import io
 import itertools
@@ -32,26 +31,29 @@ import multiprocessing
 import operator
 import os
 import shutil
-import warnings
+import sys
 from collections import defaultdict, deque
-from contextlib import closing, contextmanager
+from contextlib import closing
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Optional, Sequence
 
 import pandas as pd
 import webdataset as wds
-from PIL import ExifTags, Image, ImageFile, ImageOps
+from PIL import ExifTags, Image, ImageOps
 from tqdm import tqdm
 
+from ..cli import UserError, run
+from .check import SIZES_FILE
+from .sample import MAX_IMAGE_PIXELS, SkipSample, open_image
+
 __all__ = [
-    'SourceSample', 'WriteOptions', 'SkipSample', 'SkipLog', 'TableSamples', 'read_table', 'read_folder',
-    'read_coco', 'write_shards', 'decode_image', 'add_writer_args', 'writer_options', 'print_stats',
+    'SourceSample', 'WriteOptions', 'SkipLog', 'TableSamples', 'read_table', 'read_folder', 'read_coco',
+    'write_shards', 'table', 'folder', 'coco',
 ]
 
 IMAGE_SUFFIXES = ('.jpg', '.jpeg', '.png', '.webp', '.bmp', '.gif', '.tif', '.tiff')
 TABLE_FORMATS = {'.csv': 'csv', '.tsv': 'tsv', '.tab': 'tsv', '.parquet': 'parquet', '.pq': 'parquet'}
-SIZES_FILE = 'sizes.json'
 STATS_FILE = 'stats.json'
 MAX_EXAMPLES = 5
 TABLE_CHUNK_ROWS = 65_536  # rows of a table read at a time
@@ -74,6 +76,21 @@ class SourceSample:
 
 @dataclass(frozen=True)
 class WriteOptions:
+    """How shards are written.
+
+    Args:
+        resize: shortest side in pixels, aspect kept, never upscaled unless ``upscale``; 0 keeps sizes
+            (384 covers 384 px fine-tuning of the towers at half the bytes of 512).
+        upscale: also enlarge images smaller than ``resize``.
+        quality: JPEG quality.
+        maxcount: samples per shard at most.
+        maxsize: bytes per shard; a new shard starts once exceeded.
+        workers: worker processes, each writes its own shards.
+        val_fraction: fraction of images (by hash of their path) written to OUTPUT/val, the rest to
+            OUTPUT/train; 0 writes all shards straight into OUTPUT.
+        overwrite: replace shards already in OUTPUT.
+        max_pixels: images with more pixels are skipped (``image_too_large``), the reader's limit.
+    """
     resize: int = 384
     upscale: bool = False
     quality: int = 95
@@ -82,7 +99,7 @@ class WriteOptions:
     workers: int = 1
     val_fraction: float = 0.0
     overwrite: bool = False
-    max_pixels: Optional[int] = Image.MAX_IMAGE_PIXELS
+    max_pixels: int = MAX_IMAGE_PIXELS
 
     def validate(self):
         checks = (
@@ -92,20 +109,11 @@ class WriteOptions:
             (self.maxsize > 0, f'maxsize must be > 0 bytes, got {self.maxsize}'),
             (self.workers >= 1, f'workers must be >= 1, got {self.workers}'),
             (0.0 <= self.val_fraction < 1.0, f'val_fraction must be in [0, 1), got {self.val_fraction}'),
-            (self.max_pixels is None or self.max_pixels > 0, f'max_pixels must be > 0, got {self.max_pixels}'),
+            (self.max_pixels > 0, f'max_pixels must be > 0, got {self.max_pixels}'),
         )
         for ok, message in checks:
             if not ok:
-                raise ValueError(message)
-
-
-class SkipSample(Exception):
-    """A sample that cannot be written; `reason` is the key under which stats count it."""
-
-    def __init__(self, reason: str, detail: str = ''):
-        super().__init__(f'{reason}: {detail}' if detail else reason)
-        self.reason = reason
-        self.detail = detail
+                raise UserError(message)
 
 
 class SkipLog:
@@ -228,7 +236,7 @@ def read_table(
         raise FileNotFoundError(f'table not found: {path}')
     fmt = _table_format(path)
     columns = _table_columns(path, fmt)
-    for flag, col in (('--image-col', image_col), ('--caption-col', caption_col)):
+    for flag, col in (('--image_col', image_col), ('--caption_col', caption_col)):
         if col not in columns:
             raise ValueError(f'{path}: column {col!r} ({flag}) does not exist; columns are: '
                              f'{", ".join(map(repr, columns))}')
@@ -313,39 +321,6 @@ def read_coco(annotations, image_root=None) -> tuple:
 # image decoding and sample encoding (runs in workers)
 
 
-@contextmanager
-def pil_limits(max_pixels: Optional[int]):
-    """Full decoding with PIL's decompression-bomb limit at `max_pixels` (None: no limit):
-    images above it fail, truncated files fail instead of being padded with grey."""
-    saved = Image.MAX_IMAGE_PIXELS, ImageFile.LOAD_TRUNCATED_IMAGES
-    Image.MAX_IMAGE_PIXELS, ImageFile.LOAD_TRUNCATED_IMAGES = max_pixels, False
-    try:
-        with warnings.catch_warnings():
-            # PIL only warns between 1x and 2x the limit; the limit is what we promise to respect
-            warnings.simplefilter('error', Image.DecompressionBombWarning)
-            yield
-    finally:
-        Image.MAX_IMAGE_PIXELS, ImageFile.LOAD_TRUNCATED_IMAGES = saved
-
-
-def decode_image(data: bytes, draft_short_side: int = 0) -> tuple:
-    """Open and fully decode image bytes (call inside `pil_limits`); returns (image, size in
-    the file). Raises SkipSample with reason 'decompression bomb' or 'undecodable image'. With
-    `draft_short_side`, JPEG decoding may use DCT scaling, keeping the shortest side >= that."""
-    try:
-        img = Image.open(io.BytesIO(data))
-        size = img.size
-        scale = draft_short_side / min(size) if draft_short_side else 1.0
-        if scale < 1:
-            img.draft('RGB', (max(1, round(size[0] * scale)), max(1, round(size[1] * scale))))
-        img.load()
-        return img, size
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise SkipSample('decompression bomb', str(e)) from e
-    except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, struct.error ... on bad bytes
-        raise SkipSample('undecodable image', f'{type(e).__name__}: {e}') from e
-
-
 def _to_rgb(img: Image.Image) -> Image.Image:
     if img.mode in ('RGBA', 'LA', 'PA') or (img.mode == 'P' and 'transparency' in img.info):
         # transparent areas become white rather than whatever colour sits under the alpha
@@ -369,14 +344,14 @@ def resized_size(size: tuple, short_side: int, upscale: bool = False) -> tuple:
 
 def _load_image(path: str) -> bytes:
     if not path:
-        raise SkipSample('empty image path')
+        raise SkipSample('no_image', 'empty image path')
     try:
         with open(path, 'rb') as f:
             return f.read()
     except FileNotFoundError as e:
-        raise SkipSample('missing image', path) from e
+        raise SkipSample('no_image', f'missing: {path}') from e
     except OSError as e:
-        raise SkipSample('unreadable image file', f'{path}: {e}') from e
+        raise SkipSample('no_image', f'unreadable: {path}: {e}') from e
 
 
 def _captions(sample: SourceSample) -> list:
@@ -386,14 +361,14 @@ def _captions(sample: SourceSample) -> list:
             with open(sample.caption_file, 'rb') as f:
                 captions = (f.read().decode('utf-8'),)
         except FileNotFoundError as e:
-            raise SkipSample('missing caption', sample.caption_file) from e
+            raise SkipSample('no_caption', sample.caption_file) from e
         except UnicodeDecodeError as e:
-            raise SkipSample('non-UTF-8 caption', sample.caption_file) from e
+            raise SkipSample('caption_not_utf8', sample.caption_file) from e
     if not captions:
-        raise SkipSample('missing caption')
+        raise SkipSample('no_caption')
     kept = [c.strip() for c in captions if c.strip()]
     if not kept:
-        raise SkipSample('empty caption')
+        raise SkipSample('empty_caption')
     return kept
 
 
@@ -401,7 +376,7 @@ def encode_sample(sample: SourceSample, opts: WriteOptions) -> dict:
     """Read, decode, resize and re-encode one sample into the dict ShardWriter writes.
     Raises SkipSample when it cannot be written."""
     captions = _captions(sample)
-    img, original = decode_image(_load_image(sample.image), draft_short_side=opts.resize)
+    img, original = open_image(_load_image(sample.image), opts.max_pixels, min_side=opts.resize)
     try:
         if img.getexif().get(ExifTags.Base.Orientation, 1) in (5, 6, 7, 8):  # 90 degree turns
             original = original[::-1]
@@ -412,7 +387,7 @@ def encode_sample(sample: SourceSample, opts: WriteOptions) -> dict:
         buf = io.BytesIO()
         img.save(buf, format='JPEG', quality=opts.quality)
     except Exception as e:  # corrupt EXIF or pixel data PIL only notices now: skip, do not stop the run
-        raise SkipSample('undecodable image', f'{type(e).__name__}: {e}') from e
+        raise SkipSample('undecodable_image', f'{type(e).__name__}: {e}') from e
     meta = {'source': sample.split_id, 'width': size[0], 'height': size[1],
             'original_width': original[0], 'original_height': original[1], **sample.meta}
     if sample.keep_all_captions:
@@ -446,20 +421,19 @@ def _write_chunk(task) -> dict:
     data only."""
     chunk, tmpdir, samples, opts = task
     log, shards, writer = SkipLog(), {}, None
-    with pil_limits(opts.max_pixels):
-        for sample in samples:
-            try:
-                encoded = encode_sample(sample, opts)
-            except SkipSample as e:
-                log.add(e.reason, sample.image or f'row {sample.meta.get("row", sample.key)}')
-            else:
-                if writer is None:
-                    writer = wds.ShardWriter(
-                        os.path.join(tmpdir, f'{chunk:06d}-%04d.tar'), maxcount=opts.maxcount,
-                        maxsize=opts.maxsize, verbose=0, encoder=False, mtime=_TAR_MTIME)
-                writer.write(encoded)
-                shards[writer.fname] = shards.get(writer.fname, 0) + 1
-            _tick()
+    for sample in samples:
+        try:
+            encoded = encode_sample(sample, opts)
+        except SkipSample as e:
+            log.add(e.reason, sample.image or f'row {sample.meta.get("row", sample.key)}')
+        else:
+            if writer is None:
+                writer = wds.ShardWriter(
+                    os.path.join(tmpdir, f'{chunk:06d}-%04d.tar'), maxcount=opts.maxcount,
+                    maxsize=opts.maxsize, verbose=0, encoder=False, mtime=_TAR_MTIME)
+            writer.write(encoded)
+            shards[writer.fname] = shards.get(writer.fname, 0) + 1
+        _tick()
     if writer is not None:
         writer.close()
     return {'chunk': chunk, 'tmpdir': tmpdir, 'shards': list(shards.items()), 'skipped': log.to_dict()}
@@ -613,42 +587,72 @@ def write_shards(
 
 
 # ---------------------------------------------------------------------------------------------
-# command-line plumbing shared by data_scripts/*_to_shards.py
+# commands: python -m clip_hvt.data.convert {table,folder,coco} ...
 
 
-def add_writer_args(parser: argparse.ArgumentParser):
-    g = parser.add_argument_group('shard writing')
-    g.add_argument('--resize', type=int, default=WriteOptions.resize,
-                   help='shortest side in pixels, aspect kept, never upscaled unless --upscale; 0 keeps sizes '
-                        '(default %(default)s: covers 384 px fine-tuning of the towers at half the bytes of 512)')
-    g.add_argument('--upscale', action='store_true', help='also enlarge images smaller than --resize')
-    g.add_argument('--quality', type=int, default=WriteOptions.quality, help='JPEG quality (default %(default)s)')
-    g.add_argument('--maxcount', type=int, default=WriteOptions.maxcount,
-                   help='samples per shard at most (default %(default)s)')
-    g.add_argument('--maxsize', type=float, default=WriteOptions.maxsize,
-                   help='bytes per shard, a new shard starts once exceeded (default %(default).0e)')
-    g.add_argument('--workers', type=int, default=max(1, os.cpu_count() or 1),
-                   help='worker processes, each writes its own shards (default: CPU count)')
-    g.add_argument('--val-fraction', type=float, default=0.0,
-                   help='fraction of images (by hash of their path) written to OUTPUT/val, the rest to '
-                        'OUTPUT/train; 0 writes all shards straight into OUTPUT (default %(default)s)')
-    g.add_argument('--max-pixels', type=int, default=Image.MAX_IMAGE_PIXELS,
-                   help='images with more pixels are skipped as decompression bombs; 0 disables '
-                        '(default: PIL\'s %(default)s)')
-    g.add_argument('--overwrite', action='store_true', help='replace shards already in OUTPUT')
-
-
-def writer_options(args: argparse.Namespace) -> WriteOptions:
-    return WriteOptions(
-        resize=args.resize, upscale=args.upscale, quality=args.quality, maxcount=args.maxcount,
-        maxsize=args.maxsize, workers=args.workers, val_fraction=args.val_fraction,
-        overwrite=args.overwrite, max_pixels=args.max_pixels or None,
-    )
-
-
-def print_stats(stats: dict):
+def _print_stats(stats: dict) -> int:
     for name, split in stats['splits'].items():
         print(f'{split["directory"]}: {split["samples"]} samples in {split["shards"]} shards')
     print(f'written {stats["written"]}, skipped {stats["skipped"]}')
     for reason, entry in {**stats['skip_reasons'], **stats['source_problems']}.items():
         print(f'  {reason}: {entry["count"]} (e.g. {", ".join(map(str, entry["examples"][:3]))})')
+    return 0 if stats['written'] else 1
+
+
+def _user_errors(convert: Callable[[], dict]) -> int:
+    try:
+        return _print_stats(convert())
+    except (ValueError, FileNotFoundError, FileExistsError) as e:  # bad path, column, format, existing output
+        raise UserError(str(e)) from e
+
+
+def table(path: str, output: str, image_col: str = 'image', caption_col: str = 'caption',
+          image_root: Optional[str] = None, write: WriteOptions = WriteOptions()) -> int:
+    """CSV / TSV / parquet table (image path + caption columns) -> WebDataset shards, streamed in chunks of rows.
+
+    Args:
+        path: .csv, .tsv (optionally .gz/.bz2/.xz/.zst) or .parquet.
+        output: output directory for shards, sizes.json and stats.json.
+        image_col: column with image paths.
+        caption_col: column with captions.
+        image_root: directory relative image paths start from (default: the table's).
+        write: how shards are written.
+    """
+    return _user_errors(lambda: write_shards(read_table(path, image_col, caption_col, image_root), output, write,
+                                             source=path))
+
+
+def folder(path: str, output: str, suffixes: list[str] = list(IMAGE_SUFFIXES),
+           write: WriteOptions = WriteOptions()) -> int:
+    """Image folder (recursive) with a sidecar caption per image (a/b/cat.jpg + a/b/cat.txt) -> WebDataset shards.
+
+    Args:
+        path: image folder, searched recursively.
+        output: output directory for shards, sizes.json and stats.json.
+        suffixes: image file suffixes.
+        write: how shards are written.
+    """
+    return _user_errors(lambda: write_shards(read_folder(path, suffixes), output, write, source=path))
+
+
+def coco(path: str, output: str, image_root: Optional[str] = None, write: WriteOptions = WriteOptions()) -> int:
+    """COCO captions JSON -> WebDataset shards, one sample per image, every caption in json["captions"].
+
+    Args:
+        path: COCO captions JSON (images[] with id/file_name, annotations[] with image_id/caption).
+        output: output directory for shards, sizes.json and stats.json.
+        image_root: directory file_name is relative to (default: the JSON's).
+        write: how shards are written.
+    """
+    def convert():
+        samples, problems = read_coco(path, image_root)
+        return write_shards(samples, output, write, problems, source=path)
+    return _user_errors(convert)
+
+
+def main(args: Optional[list] = None) -> None:
+    sys.exit(run({'table': table, 'folder': folder, 'coco': coco}, args, prog='python -m clip_hvt.data.convert'))
+
+
+if __name__ == '__main__':
+    main()

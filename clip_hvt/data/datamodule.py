@@ -2,25 +2,25 @@
 
 Training reads resampled shards (endless, weighted per source) and every rank yields exactly
 ``train_num_samples // (batch_size * world_size)`` batches per epoch, so DDP never waits on a rank
-that ran out. Validation reads each shard once, split explicitly by rank and worker.
+that ran out. Validation reads each shard once, split explicitly by rank and worker. Both are built
+by ``clip_hvt.data.pipeline``.
 """
 from __future__ import annotations
 
 import logging
 import math
 from dataclasses import asdict, dataclass
-from functools import partial
 from pathlib import Path
 from typing import Sequence
 
 import lightning.pytorch as pl
 import torch
-import webdataset as wds
 
 from .. import factory
 from . import synthetic
-from .decode import RobustDecoder, SkipCounter, TarSamples, collate
-from .shards import ShardSplit, WeightedResampledShards, count_samples, expand_sources
+from .pipeline import eval_loader, normalize_uint8, split_normalize, train_loader
+from .sample import MAX_IMAGE_PIXELS
+from .shards import count_samples, expand_sources
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +50,8 @@ class WebDataModule(pl.LightningDataModule):
     Args:
         train_shards: webdataset spec, brace expansion and ``::`` between sources.
         val_shards: spec of the retrieval validation shards (read once, in order).
-        shapes: use the embedded shapes data instead of ``train_shards``/``val_shards``.
+        shapes: use the embedded shapes data instead of ``train_shards`` (its validation shards
+            unless ``val_shards`` is given; its zero-shot set is ``zeroshot_sets``).
         batch_size: per-rank batch size.
         train_num_samples: samples per epoch; default from ``sizes.json`` / img2dataset stats.
         source_weights: sampling weight per ``::`` source (default: proportional to shard count).
@@ -76,36 +77,54 @@ class WebDataModule(pl.LightningDataModule):
         caption_key: str | list[str] = "txt",
         val_caption_key: str | None = None,
         sample_shuffle: int = 2000,
-        max_image_pixels: int = 64_000_000,
+        max_image_pixels: int = MAX_IMAGE_PIXELS,
         seed: int = 0,
         aug_cfg: dict | None = None,
         model_cfg: dict | None = None,
     ):
         super().__init__()
+        if shapes is not None and train_shards is not None:
+            raise ValueError("data.shapes and data.train_shards are both set: give one (--data.shapes null to "
+                             "train on your shards, or drop --data.train_shards to use the embedded shapes data)")
         if shapes is None and train_shards is None:
             raise ValueError("WebDataModule needs train_shards (a webdataset spec) or shapes (the embedded data)")
-        self.train_shards, self.val_shards, self.shapes = train_shards, val_shards, shapes
+        self.shapes = shapes
         self.batch_size = batch_size
         self.val_batch_size = val_batch_size or batch_size
         self.num_workers = num_workers
         self.train_num_samples = train_num_samples
         self.source_weights = source_weights
-        self.caption_key = caption_key
-        self.val_caption_key = val_caption_key
         self.sample_shuffle = sample_shuffle
         self.max_image_pixels = max_image_pixels
         self.seed = seed
         self.aug_cfg = aug_cfg
         self.model_cfg = model_cfg
-        self.zeroshot_root: Path | None = None
-        for spec in (train_shards, val_shards):  # fail at start on a typo, not at the first batch
-            if spec is not None:
-                expand_sources(spec)
-        if shapes is not None:
+        self.zeroshot_sets: list[str] = []  # the default sets of ZeroShotEvaluation (the CLI passes them)
+        self.train_sources = self.val_urls = None
+        # expanded once, here: a typo fails at start, not at the first batch
+        if train_shards is not None:
+            self._expand(train_shards, train=True)
+        if val_shards is not None:
+            self._expand(val_shards, train=False)
+        if shapes is not None:  # its shards are written by prepare_data, expanded in setup
             root = shapes.resolve_root()
-            self.train_shards = self.train_shards or str(root / "train" / _brace(shapes.train_samples, "train"))
-            self.val_shards = self.val_shards or str(root / "val" / _brace(shapes.val_samples, "val"))
-            self.zeroshot_root = root / "zeroshot"
+            self._shapes_specs = (str(root / "train" / _brace(shapes.train_samples, "train")),
+                                  None if val_shards else str(root / "val" / _brace(shapes.val_samples, "val")))
+            self.zeroshot_sets = [str(root / "zeroshot")]
+        self.val_shards = val_shards or (self._shapes_specs[1] if shapes is not None else None)
+        keys = [caption_key] if isinstance(caption_key, str) else list(caption_key)
+        sources = len(self.train_sources) if self.train_sources else 1
+        if len(keys) not in (1, sources):
+            raise ValueError(f"caption_key has {len(keys)} entries for {sources} sources")
+        self.caption_keys = keys * sources if len(keys) == 1 else keys
+        self.val_caption_key = val_caption_key or keys[0]
+
+    def _expand(self, spec: str, train: bool) -> None:
+        sources = expand_sources(spec)
+        if train:
+            self.train_sources = sources
+        else:
+            self.val_urls = [url for source in sources for url in source]
 
     def prepare_data(self) -> None:
         if self.shapes is not None:
@@ -116,18 +135,18 @@ class WebDataModule(pl.LightningDataModule):
             raise ValueError("WebDataModule needs model_cfg (the CLI links it from model.model_cfg)")
         self.train_transform, self.val_transform = factory.image_transforms(self.model_cfg, self.aug_cfg)
         # Workers run the PIL part and ship uint8; on_after_batch_transfer normalizes on the device.
-        train_split, val_split = (factory.split_normalize(t) for t in (self.train_transform, self.val_transform))
+        train_split, val_split = (split_normalize(t) for t in (self.train_transform, self.val_transform))
         self._normalize = train_split[1:] if train_split and val_split else None
         self._train_pil = train_split[0] if self._normalize else self.train_transform
         self._val_pil = val_split[0] if self._normalize else self.val_transform
         self.tokenizer = factory.create_tokenizer(self.model_cfg)
-        self.image_size = factory.preprocess_cfg(self.model_cfg)["size"]
-        self.train_sources = expand_sources(self.train_shards)
-        self.val_sources = expand_sources(self.val_shards) if self.val_shards else None
-        keys = [self.caption_key] if isinstance(self.caption_key, str) else list(self.caption_key)
-        if len(keys) not in (1, len(self.train_sources)):
-            raise ValueError(f"caption_key has {len(keys)} entries for {len(self.train_sources)} sources")
-        self._train_keys, self._val_key = keys, self.val_caption_key or keys[0]
+        if self.train_sources is None:  # the shapes data, written by prepare_data
+            train, val = self._shapes_specs
+            self._expand(train, train=True)
+            if val is not None:
+                self._expand(val, train=False)
+        size = factory.preprocess_cfg(self.model_cfg)["size"]
+        self.min_side = max(size) if isinstance(size, (tuple, list)) else size  # JPEG DCT-scaled decode
 
     @property
     def world_size(self) -> int:
@@ -145,55 +164,26 @@ class WebDataModule(pl.LightningDataModule):
                              f"{self.world_size} rank(s); lower data.batch_size or add data")
         return per_rank
 
-    def _decoder(self, transform, counter: SkipCounter, seed: int, caption_keys: str | list[str],
-                 source_of: dict[str, int] | None = None) -> RobustDecoder:
-        size = max(self.image_size) if isinstance(self.image_size, (tuple, list)) else self.image_size
-        return RobustDecoder(transform, counter, caption_keys, self.max_image_pixels, draft_size=size,
-                             seed=seed, source_of=source_of)
-
     def train_dataloader(self):
-        counter = SkipCounter()
-        step = self.trainer.global_step if self.trainer else 0
-        workers = max(1, self.num_workers)
-        num_batches = self.batches_per_epoch()
-        shards = WeightedResampledShards(self.train_sources, self.source_weights, seed=self.seed,
-                                         rank=self.rank, stream_offset=step)
-        pipeline = wds.DataPipeline(
-            shards,
-            TarSamples(counter),
-            wds.shuffle(self.sample_shuffle, initial=min(self.sample_shuffle, 500),
-                        seed=hash((self.seed, self.rank, step))),  # else webdataset seeds from pid and time
-            self._decoder(self._train_pil, counter, seed=hash((self.seed, self.rank, step)),
-                          caption_keys=self._train_keys,
-                          source_of={url: i for i, urls in enumerate(self.train_sources) for url in urls}),
-            wds.batched(self.batch_size, partial=False,
-                        collation_fn=partial(collate, tokenizer=self.tokenizer, counter=counter)),
-        ).with_epoch(math.ceil(num_batches / workers))
-        # with_epoch counts per worker, so every rank yields the same ceil(n/workers)*workers batches.
-        loader = wds.WebLoader(pipeline, batch_size=None, num_workers=self.num_workers,
-                               persistent_workers=self.num_workers > 0)
-        return loader.with_length(math.ceil(num_batches / workers) * workers)
+        return train_loader(
+            self.train_sources, self._train_pil, self.tokenizer, self.batch_size, self.batches_per_epoch(),
+            num_workers=self.num_workers, weights=self.source_weights, caption_keys=self.caption_keys,
+            shuffle=self.sample_shuffle, seed=self.seed, rank=self.rank,
+            step=self.trainer.global_step if self.trainer else 0, max_pixels=self.max_image_pixels,
+            min_side=self.min_side)
 
     def on_after_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
         if self._normalize is not None and batch["image"].dtype == torch.uint8:
-            batch["image"] = factory.normalize_uint8(batch["image"], *self._normalize)
+            batch["image"] = normalize_uint8(batch["image"], *self._normalize)
         return batch
 
     def val_dataloader(self):
-        if not self.val_sources:
+        if not self.val_urls:
             return []
-        counter = SkipCounter()
-        urls = [u for source in self.val_sources for u in source]
-        pipeline = wds.DataPipeline(
-            wds.SimpleShardList(urls),
-            ShardSplit(rank=self.rank, world_size=self.world_size),
-            TarSamples(counter),
-            # one key for all val shards: never looked up by URL in the train sources
-            self._decoder(self._val_pil, counter, seed=self.seed, caption_keys=self._val_key),
-            wds.batched(self.val_batch_size, partial=True,
-                        collation_fn=partial(collate, tokenizer=self.tokenizer, counter=counter)),
-        )
-        return wds.WebLoader(pipeline, batch_size=None, num_workers=min(self.num_workers, 1))
+        return eval_loader(self.val_urls, self._val_pil, self.val_batch_size, "retrieval", rank=self.rank,
+                             world_size=self.world_size, num_workers=min(self.num_workers, 1),
+                             caption_key=self.val_caption_key, tokenizer=self.tokenizer,
+                             max_pixels=self.max_image_pixels, min_side=self.min_side)
 
 
 def _brace(n: int, split: str) -> str:

@@ -38,6 +38,7 @@ def expand_sources(spec: str | Sequence[str]) -> list[list[str]]:
     sources = []
     for part in parts:
         urls = list(braceexpand.braceexpand(os.path.expandvars(part.strip())))
+        urls = [match for url in urls for match in _glob(url)]
         local = [u for u in urls if is_local(u)]
         missing = [u for u in local if not os.path.isfile(_local_path(u))]
         if missing and len(missing) == len(urls):
@@ -50,6 +51,13 @@ def expand_sources(spec: str | Sequence[str]) -> list[list[str]]:
     if not sources:
         raise ValueError("empty shard spec: give a path or pattern like 'dir/train-{000000..000009}.tar'")
     return sources
+
+
+def _glob(url: str) -> list[str]:
+    """A local glob ('/data/*.tar') stands for its sorted matches; one matching nothing stays (reported)."""
+    if is_local(url) and glob.has_magic(url):
+        return sorted(glob.glob(_local_path(url))) or [url]
+    return [url]
 
 
 def _no_match_message(pattern: str, urls: list[str]) -> str:
@@ -100,7 +108,7 @@ def count_samples(sources: list[list[str]]) -> int:
         if sizes is None:
             raise ValueError(
                 f"no sample count for shards like '{urls[0]}': no sizes.json entry and no img2dataset "
-                "_stats.json beside it. Run `python data_scripts/check_shards.py DIR --write-sizes` "
+                "_stats.json beside it. Run `python -m clip_hvt.data.check --paths DIR --write_sizes true` "
                 "or set the samples per epoch in the data config (--data.train_num_samples N). "
                 "Validation shards need no count: they are read once, to the end.")
         total += sum(sizes.values())

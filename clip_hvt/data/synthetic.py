@@ -12,6 +12,8 @@ Layout written under ``root``::
     zeroshot/shapes-zeroshot-000000.tar (jpg, cls) + sizes.json, classnames.json, templates.json
     manifest.json                     (the parameters; written last, marks the set complete)
 
+Written anywhere (e.g. to share one copy between jobs) by ``python -m clip_hvt.data.synthetic --out DIR``.
+
 The set is written into a temporary sibling and renamed into place. Only an empty directory or an
 earlier shapes set (recognised by its manifest) is ever replaced; other files there raise an error.
 """
@@ -30,6 +32,8 @@ from pathlib import Path
 
 import webdataset as wds
 from PIL import Image, ImageDraw
+
+from ..cli import UserError, run
 
 log = logging.getLogger(__name__)
 
@@ -261,3 +265,36 @@ def default_root(cfg: ShapesConfig) -> Path:
     # Readable prefix, plus a stable hash of all fields (hashlib, not hash(): same across processes).
     digest = hashlib.sha256(json.dumps(asdict(cfg), sort_keys=True).encode()).hexdigest()[:10]
     return cache / f"shapes-v{cfg.version}-seed{cfg.seed}-{cfg.image_size}px-{cfg.train_samples}-{digest}"
+
+
+def make_shapes(out: str, seed: int = 0, image_size: int = 72, train_samples: int = 20000, val_samples: int = 1000,
+                zeroshot_per_class: int = 20) -> None:
+    """Write the embedded shapes data set (train/val image-caption shards, a zero-shot set) to ``out``.
+
+    Deterministic by seed; no network. ``out`` must be new, empty, or hold a shapes set written here
+    before (replaced when the parameters differ); a directory with other files is refused and kept.
+
+    Args:
+        out: output directory.
+        seed: the seed every image and caption derives from.
+        image_size: rendered image side in pixels.
+        train_samples: image-caption pairs in train/.
+        val_samples: image-caption pairs in val/.
+        zeroshot_per_class: images per class in zeroshot/.
+    """
+    cfg = ShapesConfig(seed=seed, image_size=image_size, train_samples=train_samples, val_samples=val_samples,
+                       zeroshot_per_class=zeroshot_per_class)
+    try:
+        root = ensure(out, cfg)
+    except FileExistsError as err:
+        raise UserError(str(err)) from None
+    print(f"shapes data in {root}: train {train_samples}, val {val_samples}, zero-shot {zeroshot_per_class} x "
+          f"{len(CLASSNAMES)} classes. Use it with --data.shapes.root {root}")
+
+
+def main(args: list[str] | None = None) -> None:
+    run(make_shapes, args, prog="python -m clip_hvt.data.synthetic")
+
+
+if __name__ == "__main__":
+    main()

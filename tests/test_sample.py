@@ -1,24 +1,22 @@
-"""Robust reading: every fault becomes a counted skip by reason; nothing is ever unpickled."""
-import io
+"""The sample's rules: every fault becomes a counted skip by its reason; nothing is ever unpickled."""
 import json
 import pickle
 import random
-import tarfile
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
-from clip_hvt.data.decode import SKIP_REASONS, RobustDecoder, SkipCounter, TarSamples, collate
+from clip_hvt.data.pipeline import collate, decode, random_caption, read_shards
+from clip_hvt.data.sample import MAX_IMAGE_PIXELS, SKIP_REASONS, SkipCounter
+from tests.conftest import jpeg as _jpeg
+from tests.conftest import write_tar
 
 
 def jpeg(seed=0, size=(48, 40)):
-    pixels = np.random.default_rng(seed).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
-    buf = io.BytesIO()
-    Image.fromarray(pixels).save(buf, format="JPEG", quality=90)
-    return buf.getvalue()
+    return _jpeg(seed, size)
 
 
 def to_tensor(img):
@@ -35,9 +33,12 @@ class _TouchOnLoad:
         return Path.touch, (self.path,)
 
 
-def decode_all(samples, **kw):
+def decode_all(samples, caption_keys="txt", max_image_pixels=MAX_IMAGE_PIXELS, draft_size=0):
+    """Training's decoding stage over ``samples``: (image, caption) pairs and the skips by reason."""
     counter = SkipCounter(log_first=0)
-    out = list(RobustDecoder(to_tensor, counter, **kw)(iter(samples)))
+    keys = [caption_keys] if isinstance(caption_keys, str) else caption_keys
+    out = list(decode(iter(samples), to_tensor, partial(random_caption, keys=keys), counter,
+                      max_pixels=max_image_pixels, min_side=draft_size))
     return out, {r: n for r, n in counter.total.items() if n}
 
 
@@ -95,11 +96,10 @@ def test_json_caption_faults_are_counted(meta, reason):
     assert counts == {reason: 1}
 
 
-def test_caption_key_per_source_follows_the_shard_url():
-    a = sample("a", jpg=jpeg(), txt=b"from txt", json=b'{"caption": "not this"}')
-    b = sample("b", jpg=jpeg(), txt=b"not this", json=b'{"caption": "from json"}')
-    a["__url__"], b["__url__"] = "a.tar", "b.tar"
-    out, _ = decode_all([a, b], caption_keys=["txt", "json.caption"], source_of={"a.tar": 0, "b.tar": 1})
+def test_caption_key_per_source_follows_the_source_index_of_the_sample():
+    a = sample("a", jpg=jpeg(), txt=b"from txt", json=b'{"caption": "not this"}', __source__=0)
+    b = sample("b", jpg=jpeg(), txt=b"not this", json=b'{"caption": "from json"}', __source__=1)
+    out, _ = decode_all([a, b], caption_keys=["txt", "json.caption"])
     assert [c for _, c in out] == ["from txt", "from json"]
 
 
@@ -130,27 +130,9 @@ def test_collate_stacks_tokenizes_once_per_batch_and_hands_over_counts():
 
 # ---- shard reading ----
 
-def write_tar(path, samples, end_block=True):
-    """Write ``[(key, {ext: bytes})]``; returns the byte offset at which each member's header starts."""
-    offsets = {}
-    with open(path, "wb") as f:
-        tar = tarfile.open(fileobj=f, mode="w")
-        for key, members in samples:
-            for ext, data in members.items():
-                offsets[f"{key}.{ext}"] = f.tell()
-                info = tarfile.TarInfo(f"{key}.{ext}")
-                info.size, info.mtime = len(data), 1_700_000_000
-                tar.addfile(info, io.BytesIO(data))
-        if end_block:
-            tar.close()
-        else:
-            tar.fileobj.flush()  # members only, no end-of-archive blocks: a writer that died
-    return offsets
-
-
 def read(urls):
     counter = SkipCounter(log_first=0)
-    samples = list(TarSamples(counter)(iter(dict(url=str(u)) for u in urls)))
+    samples = list(read_shards(iter(dict(url=str(u), source=7) for u in urls), counter))
     return [s["__key__"] for s in samples], counter.total["corrupt_shard"], samples
 
 
@@ -163,6 +145,7 @@ def test_complete_tar_reads_every_sample_with_url_and_members(tmp_path):
     keys, corrupt, samples = read([tmp_path / "a.tar"])
     assert keys == ["0000", "0001", "0002", "0003"] and corrupt == 0
     assert samples[2]["txt"] == b"caption 2" and samples[2]["__url__"] == str(tmp_path / "a.tar")
+    assert samples[2]["__source__"] == 7  # the source index travels with the sample
 
 
 @pytest.mark.parametrize("member,into,kept", [
@@ -199,3 +182,16 @@ def test_meta_members_and_upper_case_extensions(tmp_path):
     write_tar(tmp_path / "a.tar", [("__meta__", {"json": b"{}"}), ("x", {"JPG": jpeg(), "txt": b"x"})])
     keys, corrupt, samples = read([tmp_path / "a.tar"])
     assert keys == ["x"] and corrupt == 0 and "jpg" in samples[0]
+
+
+def test_duplicate_member_skips_its_sample_and_meta_members_anywhere_are_ignored(tmp_path):
+    write_tar(tmp_path / "a.tar", [("d", {"jpg": jpeg(), "txt": b"first"}), ("d", {"txt": b"second"}),
+                                   ("dir/__meta__", {"json": b"{}"}), ("ok", {"jpg": jpeg(1), "txt": b"fine"})])
+    keys, corrupt, samples = read([tmp_path / "a.tar"])
+    assert keys == ["d", "ok"] and corrupt == 0
+    out, counts = decode_all([{k: v for k, v in s.items() if k != "__source__"} for s in samples])
+    assert [c for _, c in out] == ["fine"] and counts == {"duplicate_member": 1}
+
+
+def test_every_skip_reason_has_a_one_line_meaning():
+    assert all(meaning and "\n" not in meaning for meaning in SKIP_REASONS.values())

@@ -1,0 +1,225 @@
+"""Shards -> batches: one builder per purpose, as open_clip's ``get_wds_dataset``, all reading samples
+through ``clip_hvt.data.sample`` (one reader, one decoder, one list of skip reasons).
+
+API (every batch is a dict; ``batch["skipped"]`` is a LongTensor of skip counts, one per key of
+``sample.SKIP_REASONS`` in order, met since the previous batch of the same worker, so summed over
+all batches the counts are exact):
+
+    train_loader(sources, transform, tokenizer, batch_size, num_batches, ...) -> loader
+        Endless weighted resampling of ``sources`` (lists of shard URLs); batches ``{"image", "text",
+        "skipped"}``, ``num_batches`` rounded up to a multiple of the workers, the same on every rank.
+    eval_loader(urls, transform, batch_size, task, rank=0, world_size=1, ...) -> loader
+        Each shard read once; rank ``rank`` of ``world_size`` reads a disjoint share, the shares
+        together cover the set (shards split by rank, then by worker; by sample where there are
+        fewer shards than readers). Nothing is held between batches. ``task="classification"``:
+        ``{"image", "label", "skipped"}`` (``cls`` checked against ``num_classes``);
+        ``task="retrieval"``: ``{"image", "captions", "skipped"}`` with every caption of each
+        image (``caption_key`` ``json.captions`` gives COCO's five), plus ``"text"`` (the first
+        caption of each, tokenized) when a ``tokenizer`` is given. A worker's last batch holds no
+        image when only skips are left to report (``len(batch["image"]) == 0``).
+    zeroshot_set(root, classnames=None, templates=None) -> (classnames, templates, shard paths)
+    split_normalize(transform) / normalize_uint8(images, mean, std)
+        Run open_clip's transform without its last two steps in the workers (uint8 out), normalize
+        whole batches on the device.
+
+Usable without Lightning; ``WebDataModule`` and ``callbacks.ZeroShotEvaluation`` are built on it.
+"""
+from __future__ import annotations
+
+import json
+import math
+import random
+from functools import partial
+from pathlib import Path
+from typing import Callable, Iterator, Literal, Sequence
+
+import torch
+import torchvision.transforms as T
+import webdataset as wds
+from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES, OPENAI_IMAGENET_TEMPLATES, SIMPLE_IMAGENET_TEMPLATES
+
+from .sample import MAX_IMAGE_PIXELS, SkipCounter, SkipSample, captions, decode_sample, label, read_tar, where
+from .shards import WeightedResampledShards
+
+
+def read_shards(shards: Iterator[dict], counter: SkipCounter, count_shard_errors: bool = True) -> Iterator[dict]:
+    """Pipeline stage: shard dicts (``url``, optional ``source``) -> raw samples carrying both."""
+    for shard in shards:
+        extra = {"__source__": shard["source"]} if "source" in shard else {}
+        try:
+            yield from read_tar(shard["url"], **extra)
+        except SkipSample as skip:
+            if count_shard_errors:
+                counter.add(skip.reason, skip.detail)
+
+
+def decode(samples: Iterator[dict], transform: Callable, target: Callable, counter: SkipCounter,
+           max_pixels: int = MAX_IMAGE_PIXELS, min_side: int = 0, seed: int = 0) -> Iterator[tuple]:
+    """Pipeline stage: raw samples -> (transformed image, ``target(sample, rng)``); skips counted."""
+    info = torch.utils.data.get_worker_info()
+    # forked workers hold copies of one rng: seeded per worker so their caption choices differ
+    target = partial(target, rng=random.Random(hash((seed, info.id if info else 0))))
+    for sample in samples:
+        try:
+            img, value = decode_sample(sample, target, max_pixels, min_side)
+            yield transform(img), value
+        except SkipSample as skip:
+            counter.add(skip.reason, where(sample))
+
+
+def random_caption(sample: dict, rng: random.Random, keys: Sequence[str]) -> str:
+    """One caption, read with the caption key of the sample's source; a list gives one at random."""
+    return rng.choice(captions(sample, keys[sample.get("__source__", 0)]))
+
+
+def collate(items: list[tuple], tokenizer: Callable, counter: SkipCounter) -> dict:
+    """Training batch: images stacked, captions tokenized at once, skips since the last batch."""
+    images, texts = zip(*items)
+    return {"image": torch.stack(images), "text": tokenizer(list(texts)), "skipped": counter.take()}
+
+
+def train_loader(sources: list[list[str]], transform: Callable, tokenizer: Callable, batch_size: int,
+                 num_batches: int, *, num_workers: int = 4, weights: Sequence[float] | None = None,
+                 caption_keys: Sequence[str] = ("txt",), shuffle: int = 2000, seed: int = 0, rank: int = 0,
+                 step: int = 0, max_pixels: int = MAX_IMAGE_PIXELS, min_side: int = 0) -> wds.WebLoader:
+    """Endless resampled training batches; see the module docstring. ``step`` (the global step at
+    (re)start) joins the seeds, so a resumed run does not replay the order of the run it resumes."""
+    counter = SkipCounter()
+    workers = max(1, num_workers)
+    per_worker = math.ceil(num_batches / workers)  # with_epoch counts per worker: same total on every rank
+    stream_seed = hash((seed, rank, step))
+    pipeline = wds.DataPipeline(
+        WeightedResampledShards(sources, weights, seed=seed, rank=rank, stream_offset=step),
+        partial(read_shards, counter=counter),
+        wds.shuffle(shuffle, initial=min(shuffle, 500), seed=stream_seed),  # else seeded from pid and time
+        partial(decode, transform=transform, target=partial(random_caption, keys=list(caption_keys)),
+                counter=counter, max_pixels=max_pixels, min_side=min_side, seed=stream_seed),
+        wds.batched(batch_size, partial=False, collation_fn=partial(collate, tokenizer=tokenizer, counter=counter)),
+    ).with_epoch(per_worker)
+    loader = wds.WebLoader(pipeline, batch_size=None, num_workers=num_workers, persistent_workers=num_workers > 0)
+    return loader.with_length(per_worker * workers)
+
+
+def share(urls: Sequence[str], rank: int, world_size: int, worker: int = 0, num_workers: int = 1):
+    """(shards, every, offset): this reader reads ``shards`` and keeps samples ``i % every == offset``.
+
+    Shards are split by rank, then by worker; a level with fewer shards than parts splits by sample
+    instead (all its readers read the same shards), and every level below it then does too.
+    """
+    urls, every, offset = list(urls), 1, 0
+    for part, parts in ((rank, world_size), (worker, num_workers)):
+        if every == 1 and len(urls) >= parts:
+            urls = urls[part::parts]
+        else:
+            offset, every = offset + part * every, every * parts
+    return urls, every, offset
+
+
+def _eval_samples(urls: Sequence[str], rank: int, world_size: int, counter: SkipCounter) -> Iterator[dict]:
+    info = torch.utils.data.get_worker_info()
+    mine, every, offset = share(urls, rank, world_size, *((info.id, info.num_workers) if info else (0, 1)))
+    # readers that read the same shards: only the first counts their shard errors
+    samples = read_shards(({"url": u} for u in mine), counter, count_shard_errors=offset == 0)
+    for i, sample in enumerate(samples):
+        if i % every == offset:
+            yield sample
+
+
+def _eval_batches(items: Iterator[tuple], batch_size: int, collate_fn: Callable, counter: SkipCounter) -> Iterator[dict]:
+    """Batches of ``batch_size`` as soon as they are full; skips met after the last one come in an
+    extra batch without images."""
+    batch = []
+    for item in items:
+        batch.append(item)
+        if len(batch) == batch_size:
+            yield collate_fn(batch, counter.take())
+            batch = []
+    skipped = counter.take()
+    if batch or skipped.any():
+        yield collate_fn(batch, skipped)
+
+
+def _eval_collate(items: list[tuple], skipped: torch.Tensor, key: str, tokenizer: Callable | None) -> dict:
+    images = torch.stack([i for i, _ in items]) if items else torch.empty(0)
+    targets = [t for _, t in items]
+    if key == "label":
+        return {"image": images, "label": torch.tensor(targets, dtype=torch.long), "skipped": skipped}
+    batch = {"image": images, "captions": targets, "skipped": skipped}
+    if tokenizer is not None:
+        batch["text"] = tokenizer([c[0] for c in targets])
+    return batch
+
+
+def eval_loader(urls: Sequence[str], transform: Callable, batch_size: int,
+                task: Literal["classification", "retrieval"], *, rank: int = 0, world_size: int = 1,
+                num_workers: int = 0, num_classes: int | None = None, caption_key: str = "txt",
+                tokenizer: Callable | None = None, max_pixels: int = MAX_IMAGE_PIXELS,
+                min_side: int = 0) -> wds.WebLoader:
+    """This rank's share of an evaluation set, streamed in batches; see the module docstring.
+
+    ``min_side`` > 0 lets JPEGs decode at a reduced DCT scale (validation during training); the
+    default decodes every image in full, as a plain ``PIL.Image.open`` would.
+    """
+    if task == "classification":
+        target, key = (lambda sample, rng: label(sample, num_classes)), "label"
+    elif task == "retrieval":
+        target, key = (lambda sample, rng: captions(sample, caption_key)), "captions"
+    else:
+        raise ValueError(f"task must be 'classification' or 'retrieval', got {task!r}")
+    counter = SkipCounter()
+    pipeline = wds.DataPipeline(
+        lambda: _eval_samples(urls, rank, world_size, counter),
+        partial(decode, transform=transform, target=target, counter=counter, max_pixels=max_pixels,
+                min_side=min_side),
+        partial(_eval_batches, batch_size=batch_size, counter=counter,
+                collate_fn=partial(_eval_collate, key=key, tokenizer=tokenizer)),
+    )
+    return wds.WebLoader(pipeline, batch_size=None, num_workers=num_workers)
+
+
+def _names(value: str | None, root: Path, filename: str, builtin: dict[str, list]) -> list:
+    if value in builtin:
+        return list(builtin[value])
+    path = Path(value) if value else root / filename
+    if not path.is_file():
+        raise FileNotFoundError(f"zero-shot {filename[:-5]}: '{path}' does not exist; give a JSON list file "
+                                f"or one of {sorted(builtin)}")
+    return json.loads(path.read_text())
+
+
+def zeroshot_set(root: str | Path, classnames: str | None = None, templates: str | None = None):
+    """Class names, prompt templates and shard paths of a zero-shot directory; no image is read.
+
+    Layout: ``*.tar`` shards of an image + ``cls`` (the class index as text), and unless given
+    otherwise ``classnames.json`` and ``templates.json`` (``str.format`` templates with one ``{}``).
+    ``classnames='imagenet'`` and ``templates='openai'``/``'simple'`` take open_clip's lists.
+    """
+    root = Path(root)
+    shards = sorted(str(p) for p in root.glob("*.tar"))
+    if not shards:
+        raise FileNotFoundError(f"zero-shot set '{root}' has no *.tar shards (an image + cls per sample)")
+    classnames = _names(classnames, root, "classnames.json", {"imagenet": IMAGENET_CLASSNAMES})
+    templates = _names(templates, root, "templates.json",
+                       {"openai": OPENAI_IMAGENET_TEMPLATES, "simple": SIMPLE_IMAGENET_TEMPLATES})
+    return classnames, [t("{}") if callable(t) else t for t in templates], shards
+
+
+def split_normalize(transform):
+    """Split open_clip's ``[..., ToTensor, Normalize]`` into a uint8 part and (mean, std).
+
+    Loader workers then ship uint8 images (4x less inter-process traffic) and whole batches are
+    normalized on the device; the arithmetic is ToTensor's and Normalize's. Returns None for a
+    transform of another shape (the full transform is used then).
+    """
+    steps = getattr(transform, "transforms", None)
+    if not steps or len(steps) < 2 or not isinstance(steps[-2], T.ToTensor) or not isinstance(steps[-1], T.Normalize):
+        return None
+    return T.Compose([*steps[:-2], T.PILToTensor()]), tuple(steps[-1].mean), tuple(steps[-1].std)
+
+
+def normalize_uint8(images: torch.Tensor, mean, std) -> torch.Tensor:
+    """ToTensor (/255) then Normalize, batched, on whatever device ``images`` is on."""
+    shape = (1, -1, 1, 1)
+    mean = torch.as_tensor(mean, dtype=torch.float32, device=images.device).view(shape)
+    std = torch.as_tensor(std, dtype=torch.float32, device=images.device).view(shape)
+    return images.float().div_(255).sub_(mean).div_(std)

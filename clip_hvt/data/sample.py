@@ -1,0 +1,233 @@
+"""What a sample is, and why one is skipped: the one set of rules every reader of shards imports.
+
+The training loader, validation, zero-shot and retrieval evaluation, the shard checker and the
+converters all read and decode through this module, so they agree by construction:
+
+- member names (``MEMBER RULES``): ``dir/key.ext`` with the key up to the first dot of the file
+  name (webdataset's ``base_plus_ext``), extensions compared lower-case; a member whose file name
+  starts with ``__`` (``__meta__.json``, ``__index__``) is metadata and ignored; consecutive members
+  with one key form a sample;
+- images: the first of ``IMAGE_KEYS`` present, decoded by Pillow only, refused above
+  ``MAX_IMAGE_PIXELS`` (one setting; callers pass another limit explicitly);
+- nothing is ever unpickled: a member with a suffix in ``PICKLE_SUFFIXES`` drops its sample;
+- captions are UTF-8 text (``txt``) or a JSON field (``json.<field>``, a list gives several);
+  labels are the integer text of ``cls``;
+- every reason a sample or shard is skipped is a key of ``SKIP_REASONS``, with its meaning.
+
+The tar reader is hand-written over ``tarfile`` because webdataset's hands on the partial sample of
+a shard that breaks mid-stream and calls its handler once per failed read, so counts would not be
+exact. Only complete samples leave it; a shard that cannot be read to its end counts one
+``corrupt_shard`` (the samples before the break are kept; the rest of the shard is lost, uncounted).
+"""
+from __future__ import annotations
+
+import io
+import json
+import logging
+import tarfile
+import warnings
+from typing import Iterator
+
+import torch
+import webdataset as wds
+from PIL import Image
+from webdataset.tariterators import base_plus_ext
+
+log = logging.getLogger(__name__)
+
+SKIP_REASONS = {  # new reasons go at the end: checkpoints of SkipMonitor store counts in this order
+    "corrupt_shard": "the shard could not be read to its end: missing, truncated, not a tar, failed open",
+    "no_image": "the sample has no jpg/jpeg/png/webp member (or, converting, no readable image file)",
+    "undecodable_image": "Pillow cannot decode the image bytes (truncated, not an image)",
+    "image_too_large": "the image has more pixels than the pixel limit (decompression-bomb guard)",
+    "no_caption": "the caption member or its JSON field is missing or not a string/list",
+    "empty_caption": "the caption is empty or whitespace",
+    "caption_not_utf8": "the caption is not UTF-8",
+    "pickle_member": "a member with a pickle-like suffix: never unpickled, the sample is dropped",
+    "no_label": "a classification sample whose cls is missing, not an integer or not a class index",
+    "duplicate_member": "two members with one key and extension in a row: which one is meant is unknown",
+}
+MAX_IMAGE_PIXELS = 64_000_000  # images with more pixels are skipped; 8k x 8k, far above any training size
+IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
+PICKLE_SUFFIXES = ("pyd", "pickle", "pkl", "pth", "pt")
+
+
+class SkipSample(Exception):
+    """A sample (or shard) that is skipped; ``reason`` is a key of ``SKIP_REASONS``."""
+
+    def __init__(self, reason: str, detail: str = ""):
+        assert reason in SKIP_REASONS, reason
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason, self.detail = reason, detail
+
+
+class SkipCounter:
+    """Per-worker skip counts by reason; ``take()`` hands over what was counted since the last call."""
+
+    def __init__(self, log_first: int = 5):
+        self.total = dict.fromkeys(SKIP_REASONS, 0)
+        self._pending = dict.fromkeys(SKIP_REASONS, 0)
+        self.log_first = log_first
+
+    def add(self, reason: str, where: str) -> None:
+        self.total[reason] += 1
+        self._pending[reason] += 1
+        n = self.total[reason]
+        if n <= self.log_first or n % 1000 == 0:
+            log.warning("skipped %s: %s (%d so far for this reason in this worker)", where, reason, n)
+
+    def take(self) -> torch.Tensor:
+        counts = torch.tensor(list(self._pending.values()), dtype=torch.long)
+        self._pending = dict.fromkeys(SKIP_REASONS, 0)
+        return counts
+
+
+# ---------------------------------------------------------------------------------------------
+# member rules and the tar reader
+
+def split_member(name: str) -> tuple[str, str] | None:
+    """(key, lower-case extension) of a member name; None for metadata or a name without extension."""
+    key, ext = base_plus_ext(name)
+    if key is None or key.rsplit("/", 1)[-1].startswith("__"):
+        return None
+    return key, ext.lower()
+
+
+def is_pickle_like(ext: str) -> bool:
+    return ext.rsplit(".", 1)[-1] in PICKLE_SUFFIXES
+
+
+def read_tar(url: str, **extra) -> Iterator[dict]:
+    """Complete samples ``{"__key__", "__url__", **extra, ext: bytes}`` of one shard, in order.
+
+    Raises ``SkipSample("corrupt_shard")`` where the shard breaks, after the samples before it.
+    A sample goes on once the next header shows a new key, or the archive ends cleanly; one with a
+    repeated extension is marked (``__duplicate__``) so that decoding skips it.
+    """
+    try:
+        stream = wds.gopen(url)
+    except Exception as exn:  # missing file, failed pipe/remote open
+        raise SkipSample("corrupt_shard", f"{url} ({type(exn).__name__}: {exn})") from None
+    sample = None
+    with stream:
+        try:
+            with tarfile.open(fileobj=stream, mode="r|*") as tar:
+                for info in tar:
+                    tar.members = []  # stream mode would otherwise keep every header of the shard
+                    parts = split_member(info.name) if info.isreg() else None
+                    if parts is None:
+                        continue
+                    key, ext = parts
+                    if sample is not None and key != sample["__key__"]:
+                        yield sample
+                        sample = None
+                    data = tar.extractfile(info).read()
+                    if len(data) != info.size:
+                        raise EOFError(f"{info.name}: {len(data)} of {info.size} bytes")
+                    sample = sample or {"__key__": key, "__url__": url, **extra}
+                    if ext in sample:
+                        sample["__duplicate__"] = info.name
+                    sample[ext] = data
+                # tarfile ends quietly on a cut header; a complete tar ends with a zero block
+                if tar.fileobj.tell() < tar.offset + tarfile.BLOCKSIZE:
+                    raise EOFError(f"no end-of-archive block after {tar.offset} bytes")
+        except Exception as exn:  # tarfile.ReadError, EOFError, zlib/OS errors: the shard is broken here
+            raise SkipSample("corrupt_shard", f"{url} ({type(exn).__name__}: {exn})") from None
+    if sample is not None:
+        yield sample
+
+
+def where(sample: dict) -> str:
+    return f"{sample.get('__url__', '?')}:{sample.get('__key__', '?')}"
+
+
+# ---------------------------------------------------------------------------------------------
+# decoding: image, captions, label
+
+def open_image(data: bytes, max_pixels: int = MAX_IMAGE_PIXELS, min_side: int = 0) -> tuple[Image.Image, tuple]:
+    """Image bytes fully decoded by Pillow, and the size stored in the file.
+
+    With ``min_side``, a JPEG may be decoded at a DCT scale that keeps its shorter side >= ``min_side``
+    (far faster than a full decode and a resize). Raises ``SkipSample`` (``image_too_large``,
+    ``undecodable_image``); the mode is the file's (callers convert).
+    """
+    try:
+        with warnings.catch_warnings():
+            # PIL warns above its own default limit; ours is the one compared explicitly below
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
+        size = img.size
+        if size[0] * size[1] > max_pixels:
+            raise SkipSample("image_too_large", f"{size[0]}x{size[1]} > {max_pixels} pixels")
+        scale = min_side / min(size) if min_side else 1.0
+        if scale < 1:
+            img.draft("RGB", (max(1, round(size[0] * scale)), max(1, round(size[1] * scale))))
+        img.load()  # decode errors surface here, not later in a transform
+        return img, size
+    except SkipSample:
+        raise
+    except Image.DecompressionBombError as exn:  # PIL's hard limit, twice its default
+        raise SkipSample("image_too_large", str(exn)) from None
+    except Exception as exn:  # PIL raises many types for broken bytes (OSError, SyntaxError, ValueError...)
+        raise SkipSample("undecodable_image", f"{type(exn).__name__}: {exn}") from None
+
+
+def image(sample: dict, max_pixels: int = MAX_IMAGE_PIXELS, min_side: int = 0) -> Image.Image:
+    """The sample's image as RGB (see ``open_image``); ``no_image`` when it has none."""
+    key = next((k for k in IMAGE_KEYS if k in sample), None)
+    if key is None:
+        raise SkipSample("no_image", f"members: {sorted(k for k in sample if not k.startswith('__'))}")
+    img, _ = open_image(sample[key], max_pixels, min_side)
+    return img if img.mode == "RGB" else img.convert("RGB")
+
+
+def captions(sample: dict, key: str = "txt") -> list[str]:
+    """Every non-empty caption of the sample: ``txt``, or ``json.<field>`` (a string or a list)."""
+    field = None
+    if key.startswith("json."):
+        key, field = "json", key[len("json."):]
+    raw = sample.get(key)
+    if raw is None:
+        raise SkipSample("no_caption", f"no {key} member")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise SkipSample("caption_not_utf8") from None
+    values = [text]
+    if field is not None:
+        try:
+            value = json.loads(text).get(field)
+        except (ValueError, AttributeError):
+            raise SkipSample("no_caption", f"no JSON object with '{field}'") from None
+        values = value if isinstance(value, list) else [value]
+        if not values or not all(isinstance(v, str) for v in values):
+            raise SkipSample("no_caption", f"json '{field}' is not a string or a list of strings")
+    kept = [v.strip() for v in values if v.strip()]
+    if not kept:
+        raise SkipSample("empty_caption")
+    return kept
+
+
+def label(sample: dict, num_classes: int | None = None) -> int:
+    """The integer class of ``cls``; ``no_label`` when missing, not an integer or out of range."""
+    try:
+        value = int(sample["cls"].decode("ascii"))
+    except (KeyError, AttributeError, UnicodeDecodeError, ValueError):
+        raise SkipSample("no_label") from None
+    if value < 0 or (num_classes is not None and value >= num_classes):
+        raise SkipSample("no_label", f"class {value} of {num_classes}")
+    return value
+
+
+def decode_sample(sample: dict, target, max_pixels: int = MAX_IMAGE_PIXELS, min_side: int = 0):
+    """(RGB image, ``target(sample)``), or ``SkipSample`` with the one reason every reader counts.
+
+    Checked in this order: members (pickle-like, duplicate), the target (caption or label), the image.
+    """
+    pickled = [k for k in sample if not k.startswith("__") and is_pickle_like(k)]
+    if pickled:
+        raise SkipSample("pickle_member", ", ".join(pickled))
+    if "__duplicate__" in sample:
+        raise SkipSample("duplicate_member", sample["__duplicate__"])
+    value = target(sample)
+    return image(sample, max_pixels, min_side), value
