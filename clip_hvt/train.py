@@ -21,6 +21,7 @@ from .module import CLIPModule
 class CLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
         parser.link_arguments("model.model_cfg", "data.model_cfg", apply_on="parse")
+        parser.link_arguments("model.distill", "data.distill", apply_on="parse")
         parser.add_argument("--ckpt_path", type=str | None, default=None,
                             help="checkpoint to resume from: a path, or 'last' for the run's last.ckpt")
         parser.add_argument("--export_dir", type=str | None, default=None,

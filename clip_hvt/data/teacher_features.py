@@ -115,8 +115,8 @@ def add_teacher_features(shards: str, out: str, teacher: str, weights: str | Non
     return {"written": total, "skipped": dict(skipped)}
 
 
-def main(args: list[str] | None = None) -> None:
-    run(add_teacher_features, args, prog="python -m clip_hvt.data.teacher_features")
+def main(args: list[str] | None = None) -> dict:
+    return run(add_teacher_features, args, prog="python -m clip_hvt.data.teacher_features")
 
 
 if __name__ == "__main__":
