@@ -32,7 +32,7 @@ MODEL_CFG = {"embed_dim": 128, "vision_cfg": {"timm_model_name": "pvt_v2_b0", "t
              "text_cfg": {"context_length": 32, "width": 128, "heads": 4, "layers": 3}}
 
 
-def matmul_gflops(n: int = 2048, repeat: int = 10) -> float:
+def matmul_gflops(n: int = 2048, repeat: int = 3) -> float:
     a, b = torch.randn(n, n), torch.randn(n, n)
     a @ b
     start = time.perf_counter()
@@ -61,6 +61,7 @@ def main(argv=None):
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=15)
     args = parser.parse_args(argv)
+    gflops = matmul_gflops()
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as teacher_dir:
         export_model(create_model(MODEL_CFG), MODEL_CFG, teacher_dir)
@@ -86,7 +87,7 @@ def main(argv=None):
             times[name].append(step())
     median = {name: statistics.median(t) for name, t in times.items()}
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; 2048^2 fp32 matmul: "
-          f"{matmul_gflops():.1f} GFLOP/s (for scale; a shared machine varies)")
+          f"{gflops:.1f} GFLOP/s (for scale; a shared machine varies)")
     print(f"batch {n}, quickstart model, {args.rounds} interleaved rounds, median step time:")
     for name in steps:
         print(f"  {name:<7} {median[name] * 1e3:8.1f} ms   {median[name] / median['plain']:.3f}x plain")

@@ -150,6 +150,10 @@ QUICKSTART_CFG = {"embed_dim": 128, "vision_cfg": {"timm_model_name": "pvt_v2_b0
 CONFIGS = "configs"
 
 
+SMALL_SHAPES = ["--data.shapes.root", "shapes", "--data.shapes.train_samples", "64", "--data.shapes.val_samples",
+                "16", "--data.shapes.zeroshot_per_class", "1"]
+
+
 def _train_with(config, tmp_path, monkeypatch, *extra):
     import os
 
@@ -158,17 +162,23 @@ def _train_with(config, tmp_path, monkeypatch, *extra):
     monkeypatch.chdir(tmp_path)
     return train.main([
         "--config", f"{root}/{CONFIGS}/quickstart.yaml", "--config", f"{root}/{CONFIGS}/{config}",
-        "--data.shapes.root", str(tmp_path / "shapes"), "--data.shapes.train_samples", "64",
-        "--data.shapes.val_samples", "16", "--data.shapes.zeroshot_per_class", "1", "--data.batch_size", "8",
+        *(SMALL_SHAPES if config != "distill_stored.yaml" else []), "--data.batch_size", "8",
         "--data.num_workers", "0", "--trainer.max_steps", "2", "--trainer.val_check_interval", "2",
         "--trainer.enable_progress_bar", "false", "--final_validation", "false", *extra])
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("config", ["distill_live.yaml", "lit.yaml"])
+@pytest.mark.parametrize("config", ["distill_live.yaml", "lit.yaml", "distill_stored.yaml"])
 def test_distill_configs_run_on_the_cpu_with_the_quickstart_export_as_teacher(config, tmp_path, monkeypatch):
     torch.manual_seed(0)
-    export_model(create_model(QUICKSTART_CFG), QUICKSTART_CFG, tmp_path / "runs" / "quickstart" / "export")
+    teacher = tmp_path / "runs" / "quickstart" / "export"
+    export_model(create_model(QUICKSTART_CFG), QUICKSTART_CFG, teacher)
+    if config == "distill_stored.yaml":  # the config's first step, on a small shapes set
+        from clip_hvt.data.synthetic import ShapesConfig, ensure
+        from clip_hvt.data.teacher_features import main as teacher_features
+        ensure(tmp_path / "shapes", ShapesConfig(train_samples=64, val_samples=16, zeroshot_per_class=1))
+        teacher_features(["--shards", str(tmp_path / "shapes" / "train" / "*.tar"),
+                          "--out", str(tmp_path / "runs" / "teacher_shards"), "--teacher", str(teacher)])
     _train_with(config, tmp_path, monkeypatch)
     name = config.removesuffix(".yaml")
     assert (tmp_path / "runs" / name / "export" / "open_clip_model.safetensors").is_file()
