@@ -87,6 +87,7 @@ def _class_order(module, dm, images, classifier):
 
 
 @torch.no_grad()
+@pytest.mark.slow
 def test_streamed_evaluation_matches_open_clip_classifier_applied_directly(shapes_root, tmp_path):
     module = _module()
     dm = _dm(shapes_root)
@@ -181,7 +182,7 @@ class RecordingStrategy:
         return tensor
 
 
-@pytest.mark.parametrize("world_size", [2, 3, 16])  # shards split by rank; samples split; most shares empty
+@pytest.mark.parametrize("world_size", [2, 3, pytest.param(16, marks=pytest.mark.slow)])  # shards split by rank; samples split; most shares empty
 def test_ranks_score_disjoint_shares_that_sum_to_the_whole_set_with_one_reduce_each(shapes_root, tmp_path,
                                                                                   world_size):
     module = _module()
@@ -227,6 +228,7 @@ def _held(obj, seen=None, depth=0):
     return [x for item in items for x in _held(item, seen, depth + 1)]
 
 
+@pytest.mark.slow
 def test_no_image_is_kept_between_evaluations_and_scoring_streams(shapes_root, tmp_path, monkeypatch):
     module = _module()
     images = _shapes_images(shapes_root, 20)

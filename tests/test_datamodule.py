@@ -242,6 +242,7 @@ def _cli(tiny_config, tmp_path, shard, *args, max_skip_rate=0.1, min_samples=100
                        "--data.max_image_pixels", str(MAX_PIXELS), "--data.sample_shuffle", "0", *args])
 
 
+@pytest.mark.slow
 def test_cli_trains_on_faulty_img2dataset_output_and_logs_exact_skip_counts(tiny_config, tmp_path, monkeypatch,
                                                                             faulty_img2dataset):
     monkeypatch.chdir(tmp_path)
@@ -257,6 +258,7 @@ def test_cli_trains_on_faulty_img2dataset_output_and_logs_exact_skip_counts(tiny
         assert logged[step] == {reason: counts.get(reason, 0) for reason in SKIP_REASONS}
 
 
+@pytest.mark.slow
 def test_cli_stops_when_the_skip_rate_passes_the_threshold(tiny_config, tmp_path, monkeypatch, faulty_img2dataset):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(RuntimeError) as err:
@@ -269,6 +271,7 @@ def test_cli_stops_when_the_skip_rate_passes_the_threshold(tiny_config, tmp_path
     assert "python -m clip_hvt.data.check" in message
 
 
+@pytest.mark.slow
 def test_validation_skips_are_counted_per_pass_logged_and_summarised(tiny_config, tmp_path, monkeypatch,
                                                                      faulty_img2dataset, capsys):
     monkeypatch.chdir(tmp_path)
