@@ -118,6 +118,9 @@ class CLIPModule(pl.LightningModule):
         self._paused_broadcast = False  # DDP's buffer broadcast, off during validation
 
     def _setup_distill(self, distill: Distill, model_cfg: dict, micro_batch_size: int | None) -> None:
+        if distill.clip_weight > 0 and self.hparams.loss != "clip":
+            raise UserError(f"model.distill.clip_weight (open_clip's DistillClipLoss) needs model.loss clip, not "
+                            f"{self.hparams.loss!r}: set model.distill.clip_weight 0 to distil embeddings only")
         self.teacher = Teacher.load(distill)
         self._teacher_tokenizes = teacher_tokenizer(distill, model_cfg) is not None
         mean, std = (factory.preprocess_cfg(model_cfg)[k] for k in ("mean", "std"))
@@ -164,8 +167,8 @@ class CLIPModule(pl.LightningModule):
     def teacher_targets(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor] | None:
         """The teacher's unit image and text embeddings for ``batch``: read from it (stored targets) or
         computed by the live teacher on the same images and the captions tokenized its way."""
-        if self.teacher is None:
-            return None
+        if self.teacher is None or not (self.distill.clip_weight or self.distill.embed_weight):
+            return None  # no teacher, or LiT from its text tower only: nothing to run it for
         if self.distill.stored_targets:
             return batch["teacher_image_emb"].float(), batch["teacher_text_emb"].float()
         if self._teacher_tokenizes and "teacher_text" not in batch:

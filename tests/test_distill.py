@@ -104,12 +104,15 @@ def test_distilled_student_moves_toward_the_teacher(shapes_root, tmp_path):
 
 def test_teacher_text_tower_becomes_the_students_frozen(random_teacher, shapes_root):
     module = CLIPModule(STUDENT_CFG, distill=Distill(teacher=str(random_teacher), text_tower=True))
-    teacher = module.teacher.model.state_dict()
-    for key, value in module.model.state_dict().items():
-        if key.startswith(("transformer.", "token_embedding", "ln_final", "text_projection")):
-            assert torch.equal(value, teacher[key]), key
-            assert not module.model.get_parameter(key).requires_grad if key in dict(
-                module.model.named_parameters()) else True
+    teacher, params = module.teacher.model.state_dict(), dict(module.model.named_parameters())
+    text_keys = [k for k in module.model.state_dict()
+                 if k.startswith(("transformer.", "token_embedding", "positional_embedding", "ln_final", "text_projection"))]
+    assert len(text_keys) > 10
+    for key in text_keys:
+        assert torch.equal(module.model.state_dict()[key], teacher[key]), key
+        assert key not in params or not params[key].requires_grad, key
+    assert any(p.requires_grad for p in module.model.visual.parameters())
+    assert module.teacher_targets({}) is None  # LiT alone never runs the teacher
 
 
 def test_projection_bridges_a_narrower_student_and_is_trained(random_teacher, shapes_root):
@@ -139,6 +142,8 @@ def test_bad_teacher_input_is_one_clear_line(random_teacher, tmp_path):
     with pytest.raises(UserError, match="distill.text_tower: the student's text tower differs from the teacher's"):
         CLIPModule({**STUDENT_CFG, "text_cfg": {**TEXT, "width": 64}},
                    distill=Distill(teacher=str(random_teacher), text_tower=True))
+    with pytest.raises(UserError, match="model.distill.clip_weight \\(open_clip's DistillClipLoss\\) needs model.loss clip"):
+        CLIPModule({**STUDENT_CFG, "init_logit_bias": -10.0}, loss="siglip", distill=Distill(teacher=str(random_teacher)))
     with pytest.raises(ValueError, match="DistillClipLoss is InfoNCE's: it needs loss 'clip', not 'siglip'"):
         from clip_hvt.loss import build_loss
         build_loss("siglip", distill=True)
