@@ -195,3 +195,13 @@ def test_missing_teacher_stops_training_with_one_line(tmp_path, monkeypatch):
         _train_with("distill_live.yaml", tmp_path, monkeypatch)
     assert str(exc.value.code).startswith("clip_hvt.train: error: teacher 'runs/quickstart/export' not found: no ")
     assert "the quickstart writes runs/quickstart/export" in str(exc.value.code)
+
+
+def test_teacher_in_bf16_gives_float32_embeddings_close_to_fp32(random_teacher):
+    from clip_hvt.distill import Teacher
+    images, texts = torch.randn(4, 3, 32, 32), torch.randint(0, 49408, (4, 16))
+    mean, std = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
+    full = Teacher.load(Distill(teacher=str(random_teacher), precision="32")).encode(images, texts, mean, std)
+    half = Teacher.load(Distill(teacher=str(random_teacher), precision="bf16")).encode(images, texts, mean, std)
+    for a, b in zip(full, half):
+        assert b.dtype == torch.float32 and (a * b).sum(-1).min() > 0.99
