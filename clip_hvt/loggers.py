@@ -2,8 +2,12 @@
 
 wandb in online mode without network blocks at ``wandb.init``; Lightning's logger only takes a
 fixed ``offline`` flag. Here ``offline=None`` (the default) means: online only when an API key is
-configured and the wandb host answers within a couple of seconds; otherwise offline (sync later
-with ``wandb sync``). The host is never probed without a key.
+configured and the wandb host answers within a couple of seconds (name lookup included); otherwise
+offline (sync later with ``wandb sync``). The host is never probed without a key.
+
+Everything else is Lightning's and wandb's own: ``wandb.init`` reads ``WANDB_RUN_ID`` (which
+``slurm/launch.sh`` exports per job) and Lightning passes ``resume="allow"``, so a requeued job
+continues its run.
 """
 from __future__ import annotations
 
@@ -11,6 +15,7 @@ import logging
 import netrc
 import os
 import socket
+import threading
 from urllib.parse import urlparse
 
 from lightning.pytorch.loggers import WandbLogger as _WandbLogger
@@ -21,8 +26,8 @@ log = logging.getLogger(__name__)
 def _has_api_key() -> bool:
     if os.environ.get("WANDB_API_KEY"):
         return True
-    try:
-        return netrc.netrc().authenticators(urlparse(_base_url()).hostname) is not None
+    try:  # where wandb looks: $NETRC, else ~/.netrc
+        return netrc.netrc(os.environ.get("NETRC")).authenticators(urlparse(_base_url()).hostname) is not None
     except (OSError, netrc.NetrcParseError):
         return False
 
@@ -32,40 +37,50 @@ def _base_url() -> str:
 
 
 def _reachable(url: str, timeout: float) -> bool:
+    """A TCP connection to the host within ``timeout``; the name lookup, which socket timeouts do
+    not bound, runs in a daemon thread that is left behind if it takes longer."""
     parsed = urlparse(url)
-    try:
-        with socket.create_connection((parsed.hostname, parsed.port or 443), timeout=timeout):
-            return True
-    except OSError:
-        return False
+    port = parsed.port or (80 if parsed.scheme == "http" else 443)
+    answered = threading.Event()
+
+    def probe():
+        try:
+            with socket.create_connection((parsed.hostname, port), timeout=timeout):
+                answered.set()
+        except OSError:
+            pass
+
+    threading.Thread(target=probe, daemon=True, name="wandb-reachability").start()
+    return answered.wait(timeout)
 
 
 def should_run_offline(timeout: float = 2.0) -> tuple[bool, str]:
-    mode = os.environ.get("WANDB_MODE", "").lower()
-    if mode in ("offline", "dryrun", "disabled"):
-        return True, f"WANDB_MODE={mode}"
+    """(offline, why) for a run without an explicit ``offline`` or ``WANDB_MODE``."""
     if not _has_api_key():
         return True, "no wandb API key (WANDB_API_KEY or ~/.netrc)"
     if not _reachable(_base_url(), timeout):
-        return True, f"{_base_url()} not reachable"
+        return True, f"{_base_url()} not reachable within {timeout:g} s"
     return False, "API key present and host reachable"
 
 
 class WandbLogger(_WandbLogger):
     """``lightning.pytorch.loggers.WandbLogger`` with ``offline=None`` meaning "decide by itself".
 
-    ``id`` defaults to ``$WANDB_RUN_ID``, so a requeued SLURM job (whose script exports a stable id)
-    continues the same wandb run with ``resume="allow"``.
+    A ``WANDB_MODE`` the user set (``offline``, ``disabled``...) is left to wandb: Lightning's
+    ``offline=True`` would overwrite it with ``dryrun``. When the decision is offline, ``log_model``
+    is dropped with a warning (Lightning refuses the pair), so a run without network still starts.
     """
 
     def __init__(self, *args, offline: bool | None = None, **kwargs):
         if offline is None:
-            offline, why = should_run_offline()
-            log.info("wandb %s: %s", "offline" if offline else "online", why)
-        if offline:
-            os.environ.setdefault("WANDB_MODE", "offline")
-        if kwargs.get("id") is None and os.environ.get("WANDB_RUN_ID"):
-            kwargs["id"] = os.environ["WANDB_RUN_ID"]
-        if kwargs.get("id") is not None:
-            kwargs.setdefault("resume", "allow")
+            if os.environ.get("WANDB_MODE"):
+                offline = False  # not forced by us: wandb applies WANDB_MODE itself
+                log.info("wandb mode from WANDB_MODE=%s", os.environ["WANDB_MODE"])
+            else:
+                offline, why = should_run_offline()
+                log.info("wandb %s: %s", "offline" if offline else "online", why)
+                if offline and kwargs.get("log_model"):
+                    log.warning("wandb offline (%s): log_model=%r dropped, checkpoints stay local",
+                                why, kwargs["log_model"])
+                    kwargs["log_model"] = False
         super().__init__(*args, offline=offline, **kwargs)

@@ -34,7 +34,7 @@ run_dir=${RUN_DIR:-$SLURM_SUBMIT_DIR/runs/$SLURM_JOB_NAME-$SLURM_JOB_ID}
 mkdir -p "$run_dir"
 cd "$run_dir"
 
-# The same wandb run continues across attempts (clip_hvt.loggers.WandbLogger reads it, resume="allow").
+# The same wandb run continues across attempts (wandb.init reads WANDB_RUN_ID; Lightning passes resume="allow").
 export WANDB_RUN_ID=${WANDB_RUN_ID:-${SLURM_CLUSTER_NAME:-slurm}-$SLURM_JOB_ID}
 # Rank 0's host; Lightning's SLURMEnvironment would parse SLURM_NODELIST itself, scontrol is exact.
 MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)

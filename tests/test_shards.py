@@ -68,7 +68,7 @@ def test_counts_sum_over_sources(tmp_path):
 def test_missing_count_is_a_clear_error(tmp_path):
     urls = touch_shards(tmp_path, ["s-0.tar", "s-1.tar"])
     (tmp_path / "sizes.json").write_text(json.dumps({"s-0.tar": 10}))  # s-1 not listed
-    with pytest.raises(ValueError, match="no sample count .*check_shards.py") as err:
+    with pytest.raises(ValueError, match=r"no sample count .*python -m clip_hvt.data.check") as err:
         count_samples([urls])
     message = str(err.value)
     assert "--data.train_num_samples N" in message and "Validation shards need no count" in message

@@ -30,9 +30,10 @@ from typing import Iterator
 
 import numpy as np
 import torch
-import webdataset as wds
 from PIL import Image
 from webdataset.tariterators import base_plus_ext
+
+from .shards import open_url
 
 log = logging.getLogger(__name__)
 
@@ -108,35 +109,30 @@ def read_tar(url: str, **extra) -> Iterator[dict]:
     A sample goes on once the next header shows a new key, or the archive ends cleanly; one with a
     repeated extension is marked (``__duplicate__``) so that decoding skips it.
     """
-    try:
-        stream = wds.gopen(url)
-    except Exception as exn:  # missing file, failed pipe/remote open
-        raise SkipSample("corrupt_shard", f"{url} ({type(exn).__name__}: {exn})") from None
     sample = None
-    with stream:
-        try:
-            with tarfile.open(fileobj=stream, mode="r|*") as tar:
-                for info in tar:
-                    tar.members = []  # stream mode would otherwise keep every header of the shard
-                    parts = split_member(info.name) if info.isreg() else None
-                    if parts is None:
-                        continue
-                    key, ext = parts
-                    if sample is not None and key != sample["__key__"]:
-                        yield sample
-                        sample = None
-                    data = tar.extractfile(info).read()
-                    if len(data) != info.size:
-                        raise EOFError(f"{info.name}: {len(data)} of {info.size} bytes")
-                    sample = sample or {"__key__": key, "__url__": url, **extra}
-                    if ext in sample:
-                        sample["__duplicate__"] = info.name
-                    sample[ext] = data
-                # tarfile ends quietly on a cut header; a complete tar ends with a zero block
-                if tar.fileobj.tell() < tar.offset + tarfile.BLOCKSIZE:
-                    raise EOFError(f"no end-of-archive block after {tar.offset} bytes")
-        except Exception as exn:  # tarfile.ReadError, EOFError, zlib/OS errors: the shard is broken here
-            raise SkipSample("corrupt_shard", f"{url} ({type(exn).__name__}: {exn})") from None
+    try:  # open_url: a missing file or a failed remote command is this shard's read error
+        with open_url(url) as stream, tarfile.open(fileobj=stream, mode="r|*") as tar:
+            for info in tar:
+                tar.members = []  # stream mode would otherwise keep every header of the shard
+                parts = split_member(info.name) if info.isreg() else None
+                if parts is None:
+                    continue
+                key, ext = parts
+                if sample is not None and key != sample["__key__"]:
+                    yield sample
+                    sample = None
+                data = tar.extractfile(info).read()
+                if len(data) != info.size:
+                    raise EOFError(f"{info.name}: {len(data)} of {info.size} bytes")
+                sample = sample or {"__key__": key, "__url__": url, **extra}
+                if ext in sample:
+                    sample["__duplicate__"] = info.name
+                sample[ext] = data
+            # tarfile ends quietly on a cut header; a complete tar ends with a zero block
+            if tar.fileobj.tell() < tar.offset + tarfile.BLOCKSIZE:
+                raise EOFError(f"no end-of-archive block after {tar.offset} bytes")
+    except Exception as exn:  # tarfile.ReadError, EOFError, zlib/OS errors: the shard is broken here
+        raise SkipSample("corrupt_shard", f"{url} ({type(exn).__name__}: {exn})") from None
     if sample is not None:
         yield sample
 

@@ -1,31 +1,80 @@
-"""Shard lists: expand URL specs, check they exist, count their samples.
+"""Shard lists: expand URL specs, check them at start, open shards, count their samples.
 
 A spec is webdataset's: brace expansion (``train-{000000..000099}.tar``) and ``::`` between
-sources (``a-{0..9}.tar::b-{0..4}.tar``). Counts come from ``sizes.json`` beside the shards
-(open_clip's convention: shard basename -> samples) or, for img2dataset output, from its
-``NNNNN_stats.json`` files.
+sources (``a-{0..9}.tar::b-{0..4}.tar``). A shard is a local path or a URL that webdataset's
+``gopen`` opens (``http(s)://``, ``gs://``, ``hf://``, ``pipe:COMMAND`` ...). Counts come from
+``sizes.json`` beside the shards (open_clip's convention: shard basename -> samples) or, for
+img2dataset output, from its ``NNNNN_stats.json`` files; beside remote shards they are fetched
+once, through the same ``gopen``.
 """
 from __future__ import annotations
 
+import contextlib
+import functools
 import glob
 import json
+import logging
 import os
 import random
+import re
+import shutil
+import subprocess
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Iterator, Sequence
+from typing import BinaryIO, Iterator, Sequence
+from urllib.parse import urlparse
 
 import braceexpand
 import torch.utils.data
+import webdataset as wds
+from webdataset.gopen import Pipe, gopen_schemes, set_options
 
-_REMOTE_PREFIXES = ("http://", "https://", "pipe:", "s3://", "gs://", "hf://")
+from ..cli import UserError
+
+log = logging.getLogger(__name__)
+
+# The external program each gopen scheme runs (webdataset.gopen): checked at start, so a missing
+# tool is one clear error instead of every shard failing as corrupt.
+_SCHEME_TOOLS = {"http": "curl", "https": "curl", "sftp": "curl", "ftps": "curl", "scp": "curl",
+                 "htgs": "curl", "hf": "curl", "gs": "gsutil", "ais": "ais"}
+_EXIT_WAIT_S = 60.0  # a command that has written all of a shard must exit within this
+
+
+def scheme(url: str) -> str:
+    """gopen's dispatch key: ``""`` or ``"file"`` for a local path, else the URL scheme."""
+    return urlparse(url).scheme
 
 
 def is_local(url: str) -> bool:
-    return not url.startswith(_REMOTE_PREFIXES)
+    return scheme(url) in ("", "file")
 
 
 def _local_path(url: str) -> str:
     return url[len("file:"):] if url.startswith("file:") else url
+
+
+def check_scheme(pattern: str, url: str) -> None:
+    """Refuse at start what ``gopen`` cannot open, with the command that does.
+
+    ``s3://`` is refused, not rewritten to a command: which tool (aws, s5cmd), profile and
+    ``--endpoint-url`` (R2, MinIO) are the user's choice, and ``pipe:`` is the one way webdataset
+    and open_clip users already write it.
+    """
+    kind = scheme(url)
+    if kind in ("", "file") or kind in gopen_schemes:
+        tool = _SCHEME_TOOLS.get(kind)
+        if tool and shutil.which(tool) is None:
+            raise UserError(f"shards like '{url}' are read with `{tool}`, which is not installed "
+                            f"(or not on PATH); install it or give the shards as 'pipe:COMMAND'")
+        return
+    if kind == "s3":
+        raise UserError(
+            f"webdataset cannot open s3:// URLs ('{pattern.strip()}'): stream each shard through a command, "
+            f"e.g. 'pipe:aws s3 cp {pattern.strip()} -' (S3-compatible stores: add --endpoint-url URL; "
+            "or 'pipe:s5cmd cat s3://...')")
+    known = ", ".join(f"{k}://" if k != "pipe" else "pipe:" for k in sorted(gopen_schemes) if k != "__default__")
+    raise UserError(f"no reader for '{kind}:' in shard '{url}': give a local path, one of {known}, "
+                    "or 'pipe:COMMAND' writing the shard to stdout")
 
 
 def expand_sources(spec: str | Sequence[str]) -> list[list[str]]:
@@ -33,11 +82,14 @@ def expand_sources(spec: str | Sequence[str]) -> list[list[str]]:
 
     Raises ``FileNotFoundError`` naming the pattern and what the directory holds when a
     local pattern matches nothing, so a typo stops the run at once instead of at step 0.
+    Remote shards are not probed (one request per shard); their scheme and its tool are checked.
     """
     parts = spec.split("::") if isinstance(spec, str) else list(spec)
     sources = []
     for part in parts:
         urls = list(braceexpand.braceexpand(os.path.expandvars(part.strip())))
+        for kind_url in {scheme(u): u for u in urls}.values():
+            check_scheme(part, kind_url)
         urls = [match for url in urls for match in _glob(url)]
         local = [u for u in urls if is_local(u)]
         missing = [u for u in local if not os.path.isfile(_local_path(u))]
@@ -71,46 +123,172 @@ def _no_match_message(pattern: str, urls: list[str]) -> str:
     return f"shard pattern '{pattern}' matched no files ({len(urls)} expanded); {where}."
 
 
-def _count_file(path: str) -> dict[str, int]:
+class ShardReadError(OSError):
+    """The command streaming a shard failed; the message names the command and its exit status."""
+
+
+@contextlib.contextmanager
+def open_url(url: str) -> Iterator[BinaryIO]:
+    """Open a shard (or a file beside it) for reading with webdataset's ``gopen``.
+
+    What gopen's ``Pipe`` lacks for a run over thousands of remote shards: a failed command raises
+    one ``ShardReadError`` naming the command and its exit status (gopen raises only if a read
+    happens to see the exit, and otherwise at close or in ``__del__``); a reader that stops early
+    (epoch end) ends the command instead of waiting for it and reporting its broken pipe.
+    """
+    stream = wds.gopen(url)
+    if not isinstance(stream, Pipe):
+        with stream:
+            yield stream
+        return
+    set_options(stream, ignore_errors=True)  # the exit status is judged here, once
+    proc, argv = stream.proc, stream.args[0][0]
+    # pipe: the user's own command; gopen's curl/gsutil lines may hold a token (hf://): name the program
+    command = argv if isinstance(argv, str) else f"{argv[0]} {url}"
+    error = None
+    try:
+        yield stream
+        if not _drained(stream):  # more than a tar's end padding after the archive: not ours to judge
+            _stop(stream)
+            return
+    except GeneratorExit:  # the reader was closed mid-shard (epoch end): not the command's failure
+        _stop(stream)
+        raise
+    except Exception as exn:
+        error = exn
+    try:  # a stream that broke because its command failed has ended with it: wait briefly then
+        status = proc.wait(timeout=1.0 if error else _EXIT_WAIT_S)
+    except subprocess.TimeoutExpired:
+        _stop(stream)
+        if error:
+            raise error from None  # the command is fine, the bytes it sends are not
+        raise ShardReadError(f"command `{command}` still running {_EXIT_WAIT_S:.0f} s after its output ended") from None
+    finally:
+        stream.stream.close()
+    if status not in stream.ignore_status:
+        raise ShardReadError(f"command `{command}` exited with status {status}") from error
+    if error:
+        raise error
+
+
+def _drained(stream: Pipe, limit: int = 1 << 20) -> bool:
+    """Read what follows the end-of-archive block (a tar's record padding) up to ``limit`` bytes."""
+    while limit > 0:
+        chunk = stream.stream.read(min(limit, 1 << 16))
+        if not chunk:
+            return True
+        limit -= len(chunk)
+    return False
+
+
+def _stop(stream: Pipe) -> None:
+    """End a pipe we no longer read: close our end (the writer gets SIGPIPE), then terminate it."""
+    stream.stream.close()
+    stream.proc.terminate()
+    try:
+        stream.proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        stream.proc.kill()
+        stream.proc.wait()
+
+
+# ``pipe:`` commands: the shard is the last word ending in .tar; a file beside it replaces its name.
+_PIPE_SHARD = re.compile(r"[^/\s]+\.(?:tar|tar\.gz|tgz)(?=\s|$)")
+
+
+def _shard_name(url: str) -> re.Match | None:
+    """Where the shard's file name sits in ``url`` (for ``pipe:``, in the command)."""
+    pattern = _PIPE_SHARD if scheme(url) == "pipe" else re.compile(r"[^/\\]+$")
+    found = list(pattern.finditer(url if scheme(url) == "pipe" else url.split("?", 1)[0]))
+    return found[-1] if found else None
+
+
+def beside(url: str, name: str) -> str | None:
+    """The URL of file ``name`` in the shard's directory (same scheme or command); None if unknown."""
+    shard = _shard_name(url)
+    return url[:shard.start()] + name + url[shard.end():] if shard else None
+
+
+@functools.lru_cache(maxsize=None)  # fetched once per process, however often counts are asked for
+def _fetch_json(url: str) -> tuple[dict | None, str]:
+    """A remote JSON file, or (None, why not)."""
+    try:
+        with open_url(url) as f:
+            return json.load(f), ""
+    except Exception as exn:  # 404 (curl exit 22), no network, not JSON: no count from this file
+        return None, f"{type(exn).__name__}: {exn}"
+
+
+def _read_json(url: str) -> tuple[dict | None, str]:
+    if not is_local(url):
+        return _fetch_json(url)
+    path = _local_path(url)
+    if not os.path.isfile(path):
+        return None, "no such file"
     with open(path) as f:
-        return {k: int(v) for k, v in json.load(f).items()}
+        return json.load(f), ""
+
+
+def _stats_count(url: str) -> tuple[int | None, str]:
+    """img2dataset's ``NNNNN_stats.json`` beside shard ``NNNNN.tar``: its ``successes``."""
+    shard = _shard_name(url)
+    stats_url = beside(url, shard[0].rsplit(".", 1)[0] + "_stats.json") if shard else None
+    if stats_url is None:
+        return None, "cannot name a file beside this command's shard"
+    table, why = _read_json(stats_url)
+    return (int(table["successes"]), "") if table else (None, f"{stats_url}: {why}")
 
 
 def shard_sizes(urls: Sequence[str]) -> dict[str, int] | None:
     """Samples per shard from ``sizes.json`` or img2dataset stats files; None if unknown."""
+    return _sizes(urls)[0]
+
+
+def _sizes(urls: Sequence[str]) -> tuple[dict[str, int] | None, str]:
+    """``shard_sizes`` and, when unknown, why (what was tried)."""
     sizes: dict[str, int] = {}
-    tables: dict[str, dict[str, int]] = {}  # one read of each directory's sizes.json, not one per shard
+    unlisted = []
+    tables: dict[str, dict] = {}  # one read of each directory's sizes.json, not one per shard
     for url in urls:
-        path = _local_path(url)
-        directory, name = os.path.split(path)
-        sizes_json = os.path.join(directory, "sizes.json")
-        if directory not in tables:
-            tables[directory] = _count_file(sizes_json) if os.path.isfile(sizes_json) else {}
-        table = tables[directory]
-        if table:
-            if name in table:
-                sizes[url] = table[name]
-                continue
-        stats = os.path.join(directory, name.rsplit(".", 1)[0] + "_stats.json")  # img2dataset layout
-        if os.path.isfile(stats):
-            with open(stats) as f:
-                sizes[url] = int(json.load(f)["successes"])
-            continue
-        return None
-    return sizes
+        sizes_url = beside(url, "sizes.json")
+        if sizes_url is None:
+            return None, "no word ending in .tar in the command, so no file beside it can be named"
+        if sizes_url not in tables:
+            table, why = _read_json(sizes_url)
+            tables[sizes_url] = {k: int(v) for k, v in (table or {}).items()}
+            if why and not is_local(url):
+                log.info("no sizes.json at %s (%s): trying img2dataset _stats.json files", sizes_url, why)
+        name = _shard_name(url)[0]
+        if name in tables[sizes_url]:
+            sizes[url] = tables[sizes_url][name]
+        else:
+            unlisted.append(url)
+    if not unlisted:
+        return sizes, ""
+    first, why = _stats_count(unlisted[0])  # a missing count stops here, before fetching the rest
+    if first is None:
+        return None, f"not in sizes.json and no img2dataset stats ({why})"
+    remote = not is_local(unlisted[0])
+    with ThreadPoolExecutor(32 if remote else 1) as pool:  # remote: one request per shard, in parallel
+        counts = list(pool.map(_stats_count, unlisted[1:]))
+    for url, (count, why) in zip(unlisted, [(first, "")] + counts):
+        if count is None:
+            return None, f"'{url}' not in sizes.json and no img2dataset stats ({why})"
+        sizes[url] = count
+    return sizes, ""
 
 
 def count_samples(sources: list[list[str]]) -> int:
     """Total samples over all sources; a clear error when a shard has no recorded count."""
     total = 0
     for urls in sources:
-        sizes = shard_sizes(urls)
+        sizes, why = _sizes(urls)
         if sizes is None:
             raise ValueError(
-                f"no sample count for shards like '{urls[0]}': no sizes.json entry and no img2dataset "
-                "_stats.json beside it. Run `python -m clip_hvt.data.check --paths DIR --write_sizes true` "
-                "or set the samples per epoch in the data config (--data.train_num_samples N). "
-                "Validation shards need no count: they are read once, to the end.")
+                f"no sample count for shards like '{urls[0]}': {why}. "
+                "Run `python -m clip_hvt.data.check --paths DIR --write_sizes true` (remote shards: on a copy, "
+                "then upload its sizes.json beside them) or set the samples per epoch in the data config "
+                "(--data.train_num_samples N). Validation shards need no count: they are read once, to the end.")
         total += sum(sizes.values())
     return total
 
