@@ -14,7 +14,7 @@ Written here because neither open_clip nor Lightning ships it, and the authors' 
 is installed from git only (PyPI has stale third-party copies, e.g. gradcache 0.0.1 of 2022).
 """
 import contextlib
-from typing import Callable, List, Optional, Sequence, Tuple
+from typing import Callable, ContextManager, List, Optional, Sequence, Tuple
 
 import torch
 from torch.utils.checkpoint import get_device_states, set_device_states
@@ -88,6 +88,7 @@ def gradcache_backward(
         *,
         micro_batch_size: int,
         backward: Callable[[torch.Tensor], None] = torch.autograd.backward,
+        no_sync: Optional[Callable[[], ContextManager]] = None,
 ) -> torch.Tensor:
     """ Accumulate into ``.grad`` the gradient of ``loss_fn`` over the whole batch, encoding
     ``micro_batch_size`` samples at a time, and return the loss (detached).
@@ -103,9 +104,12 @@ def gradcache_backward(
             with their graph to the parameters.
         micro_batch_size: samples per encode call; peak activation memory is that of one call.
         backward: called once per micro-batch with a scalar; ``LightningModule.manual_backward``
-            in a Lightning module (it applies precision scaling and prepares DDP). The last
-            backward also carries logit_scale/logit_bias, so it reaches every parameter (DDP with
-            ``find_unused_parameters=False`` needs that).
+            in a Lightning module (it applies precision scaling and prepares DDP).
+        no_sync: context-manager factory under which all but the last micro-batch's re-encode and
+            backward run, so DDP all-reduces the accumulated gradient once: ``ddp_model.no_sync`` for torch DDP,
+            ``functools.partial(optimizer.toggle_model, sync_grad=False)`` in Lightning manual
+            optimization. The last backward also carries logit_scale/logit_bias, so it reaches
+            every parameter (DDP with ``find_unused_parameters=False`` needs that).
 
     Each micro-batch is re-encoded under the RNG state of its first encode: dropout and drop_path
     then draw the same masks, and the re-forward's graph is the graph of the features the loss saw.
@@ -116,14 +120,17 @@ def gradcache_backward(
     loss, image_grad, text_grad, scalar_grads = _loss_and_gradients(
         loss_fn, image_features, text_features, logit_scale, logit_bias)
 
+    no_sync = no_sync or contextlib.nullcontext
     image_grads, text_grads = image_grad.split(micro_batch_size), text_grad.split(micro_batch_size)
     last = len(chunks) - 1
     for i, ((chunk_images, chunk_texts), rng_state) in enumerate(zip(chunks, rng_states)):
-        with rng_state.replay():
-            image_f, text_f = encode(chunk_images, chunk_texts)
-        outputs, grads = [image_f, text_f], [image_grads[i], text_grads[i]]
-        if i == last:
-            outputs += [scalar for scalar, _ in scalar_grads]
-            grads += [grad for _, grad in scalar_grads]
-        backward(_surrogate(outputs, grads))
+        # torch DDP decides at forward time whether the backward syncs, so no_sync spans both.
+        with no_sync() if i < last else contextlib.nullcontext():
+            with rng_state.replay():
+                image_f, text_f = encode(chunk_images, chunk_texts)
+            outputs, grads = [image_f, text_f], [image_grads[i], text_grads[i]]
+            if i == last:
+                outputs += [scalar for scalar, _ in scalar_grads]
+                grads += [grad for _, grad in scalar_grads]
+            backward(_surrogate(outputs, grads))
     return loss

@@ -130,8 +130,8 @@ def _ddp_worker(rank, store, out_path):
     model = DistributedDataParallel(tiny_clip(False))
     loss = gradcache_backward(
         encoder(model), images[local], texts[local], build_loss('clip', rank, WORLD),
-        *scale_and_bias(model.module), micro_batch_size=MICRO_BATCH,
-    )  # DDP averages each micro-batch's backward; the sum of averages is the average of the sums
+        *scale_and_bias(model.module), micro_batch_size=MICRO_BATCH, no_sync=model.no_sync,
+    )
     dist.all_reduce(loss)
     if rank == 0:
         torch.save((loss / WORLD, grads(model.module)), out_path)
