@@ -7,11 +7,10 @@ from pathlib import Path
 import lightning.pytorch as pl
 from open_clip.transform import PreprocessCfg, image_transform_v2
 import torch
-from open_clip.zero_shot_classifier import build_zero_shot_classifier
 
 from . import factory
-from .data.pipeline import eval_loader, zeroshot_set
 from .data.sample import MAX_IMAGE_PIXELS, SKIP_REASONS
+from .eval import CLASSIFICATION, evaluate_set, load_set
 
 log = logging.getLogger(__name__)
 
@@ -22,20 +21,21 @@ def batch_size(batch: dict) -> int:
 
 
 class ZeroShotEvaluation(pl.Callback):
-    """Zero-shot top-1/top-5 on each of ``sets`` at the end of each validation, from open_clip's
-    template-averaged classifier.
+    """Zero-shot classification and retrieval on each of ``sets`` at the end of each validation, with
+    ``clip_hvt.eval``'s code (open_clip's template-averaged classifier, CLIP_benchmark's metrics).
 
-    ``sets``: zero-shot set directories (see ``clip_hvt.data.pipeline.zeroshot_set``); none given,
-    none evaluated (a one-line notice). The training CLI passes the embedded shapes set when the data
+    ``sets``: evaluation set directories in any layout ``clip_hvt.eval`` recognises (zero-shot
+    classification, or caption shards for retrieval); none given, none evaluated (a one-line notice). The training CLI passes the embedded shapes set when the data
     is ``shapes`` and no set is given. ``classnames``/``templates``: JSON list files or open_clip's
     built-in lists for every set (default: each set's own files), e.g. ImageNet-val shards with
     ``classnames: imagenet``, ``templates: openai``.
 
-    Each rank streams its share of each set (``pipeline.eval_loader``), through the evaluated model's
+    Each rank streams its share of each set (``clip_hvt.eval.evaluate_set``), through the evaluated model's
     own preprocessing and tokenizer; hit and skip counts are summed over ranks, so all ranks log the
     same numbers, and no image is kept between batches. Metrics: ``zeroshot/top1``, ``top5``,
-    ``chance``, ``samples`` (images scored), ``skipped`` and ``skipped_<reason>``; with several sets,
-    ``zeroshot/<set directory name>/...``.
+    ``chance`` (classification; also CLIP_benchmark's ``acc1``, ``acc5``, ``mean_per_class_recall``),
+    ``image_retrieval_recall@K``/``text_retrieval_recall@K`` (retrieval), ``samples`` (images
+    scored), ``skipped`` and ``skipped_<reason>``; with several sets, ``zeroshot/<set directory name>/...``.
     """
 
     def __init__(self, sets: list[str] | None = None, classnames: str | None = None, templates: str | None = None,
@@ -52,36 +52,21 @@ class ZeroShotEvaluation(pl.Callback):
 
     @torch.no_grad()
     def evaluate_set(self, root: str, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, float]:
-        """This set's metrics, equal on every rank."""
-        classnames, templates, shards = zeroshot_set(root, self.classnames, self.templates)
-        model, device = pl_module.model, pl_module.device
+        """This set's metrics, equal on every rank: ``clip_hvt.eval.evaluate_set``, the standalone
+        evaluation's code, so a number logged here is the one ``python -m clip_hvt.eval`` gives."""
+        evalset = load_set(root, self.classnames, self.templates)
+        model = pl_module.model
         tokenizer = factory.create_tokenizer(pl_module.hparams.model_cfg)
         transform = image_transform_v2(PreprocessCfg(**model.visual.preprocess_cfg), is_train=False)
-        classifier = build_zero_shot_classifier(model, tokenizer, classnames, templates,
-                                                num_classes_per_batch=None, device=device)
-        counts = torch.zeros(3 + len(SKIP_REASONS), device=device)  # top1, top5, scored, skips by reason
-        for batch in eval_loader(shards, transform, self.batch_size, "classification", rank=trainer.global_rank,
-                                 world_size=trainer.world_size, num_workers=self.num_workers,
-                                 num_classes=len(classnames), max_pixels=self.max_image_pixels):
-            counts[3:] += batch["skipped"].to(device)
-            if len(batch["image"]):
-                labels = batch["label"].to(device)
-                features = model.encode_image(batch["image"].to(device, pl_module.dtype), normalize=True)
-                top5 = (features @ classifier.to(features.dtype)).topk(min(5, len(classnames)), dim=1).indices
-                counts[0] += (top5[:, 0] == labels).sum()
-                counts[1] += (top5 == labels[:, None]).any(dim=1).sum()
-                counts[2] += len(labels)
-        # one collective per rank and set, also on a rank whose share was empty
-        counts = trainer.strategy.reduce(counts, reduce_op="sum").cpu()
-        scored, skips = int(counts[2]), dict(zip(SKIP_REASONS, (int(n) for n in counts[3:])))
-        if trainer.is_global_zero and sum(skips.values()):
-            log.warning("zero-shot evaluation of '%s' skipped %d sample(s) and scored %d: %s", root,
-                        sum(skips.values()), scored, ", ".join(f"{r}={n}" for r, n in skips.items() if n))
-        if trainer.is_global_zero and not scored:
-            log.warning("zero-shot evaluation scored no image from '%s': top-1/top-5 are NaN", root)
-        metrics = {"top1": (counts[0] / counts[2]).item(), "top5": (counts[1] / counts[2]).item(),
-                   "chance": 1.0 / len(classnames), "samples": float(scored), "skipped": float(sum(skips.values()))}
-        metrics.update({f"skipped_{r}": float(n) for r, n in skips.items()})
+        result = evaluate_set(model, tokenizer, transform, evalset, batch_size=self.batch_size,
+                              num_workers=self.num_workers, rank=trainer.global_rank, world_size=trainer.world_size,
+                              max_image_pixels=self.max_image_pixels,
+                              reduce=lambda counts: trainer.strategy.reduce(counts, reduce_op="sum"))
+        metrics = dict(result["metrics"])
+        if evalset.task == CLASSIFICATION:  # the names logged since the first release, beside CLIP_benchmark's
+            metrics.update(top1=metrics["acc1"], top5=metrics["acc5"], chance=1.0 / len(evalset.classnames))
+        metrics.update(samples=float(result["samples"]), skipped=float(sum(result["skipped"].values())))
+        metrics.update({f"skipped_{r}": float(n) for r, n in result["skipped"].items()})
         return metrics
 
     def evaluate(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, float]:

@@ -1,14 +1,19 @@
-"""One command-line convention for every clip_hvt command except ``train`` (LightningCLI's).
+"""One command-line convention for every clip_hvt command.
 
 A command is a typed function with a docstring; jsonargparse derives its parser from the signature,
 as LightningCLI does for training: ``--config FILE`` (repeatable; later files and flags win), dotted
-overrides of nested typed arguments, ``--print_config``, type validation and "did you mean" on
-unknown keys. Hand-written only because jsonargparse has no notion of a user error: a ``UserError``
-(bad input a user can fix) ends the command with one line, ``prog: error: ...``; ``--debug`` shows
-its traceback. Anything else is a bug and keeps its traceback.
+overrides of nested typed arguments, ``--print_config``, type validation. Hand-written only because
+jsonargparse has no notion of a user error and prints its whole usage (hundreds of options) on one:
+a ``UserError`` (bad input a user can fix) and a parse error both end the command with one line,
+``prog: error: ...``, an unknown key with the closest valid one; ``--debug`` shows the traceback.
+Anything else is a bug and keeps its traceback. ``clip_hvt.train`` (LightningCLI) uses ``explain``.
 """
 from __future__ import annotations
 
+import argparse
+import difflib
+import inspect
+import re
 import sys
 from typing import Any, Callable
 
@@ -22,16 +27,70 @@ class UserError(ValueError):
     """
 
 
-def run(command: Callable[..., Any], args: list[str] | None = None, prog: str | None = None) -> Any:
-    """Parse ``args`` (default ``sys.argv[1:]``) into ``command``'s typed parameters and call it."""
+def explain(parser: jsonargparse.ArgumentParser, err: Exception) -> str:
+    """A parse error as one line; an unknown key gets "did you mean" from the keys valid at its level."""
+    message = " ".join(line.strip() for line in str(err).splitlines() if line.strip())
+    unknown = re.search(r"Group '([\w.]+)' does not accept option '([\w.]+)'", message)
+    key = f"{unknown[1]}.{unknown[2]}" if unknown else None
+    if not unknown and (unknown := re.search(r"unrecognized arguments: --([\w.]+)", message)):
+        key = unknown[1]
+    if key:
+        prefix, _, name = key.rpartition(".")
+        try:
+            known = parser.get_defaults().keys()
+        except Exception:  # a parser with required arguments has no complete defaults
+            known = []
+        siblings = sorted({k[len(prefix) + 1:].split(".")[0] for k in known if k.startswith(f"{prefix}.")} if prefix
+                          else {k.split(".")[0] for k in known})
+        close = difflib.get_close_matches(name, siblings, n=1, cutoff=0.5)
+        message = (f"unknown key '{key}'" + (f" (did you mean '{close[0]}'?)" if close else "")
+                   + (f". Valid keys under '{prefix}': {', '.join(siblings)}" if siblings and prefix else "")
+                   + " (--help lists every option)")
+    if "required: model.model_cfg" in message:
+        message += "; give a model config, e.g. --config configs/models/pvt_v2_b0.yaml"
+    return message
+
+
+# Top-level keys of a training config that a command reading only its ``model`` section accepts and ignores.
+TRAIN_ONLY = ("seed_everything", "trainer", "data", "checkpoint", "ckpt_path", "export_dir", "final_validation")
+
+
+def run(command: Callable[..., Any], args: list[str] | None = None, prog: str | None = None,
+        train_config: bool = False) -> Any:
+    """Parse ``args`` (default ``sys.argv[1:]``) into ``command``'s typed parameters and call it.
+
+    ``train_config``: ``command`` takes ``model_cfg`` (open_clip's dict) and reads the training config
+    files as they are: ``--model.*`` is ``CLIPModule``'s section (``--model.model_cfg.vision_cfg.image_size
+    96``), the other sections of a training config are accepted and ignored.
+    """
     args = list(sys.argv[1:] if args is None else args)
     debug = "--debug" in args
     if debug:
         args.remove("--debug")
     prog = prog or f"python -m {command.__module__}"
+    parser = jsonargparse.ArgumentParser(prog=prog, exit_on_error=False, description=inspect.getdoc(command),
+                                         epilog="--debug: show the traceback of an error")
+    parser.add_argument("--config", action=jsonargparse.ActionConfigFile, help="a config file (repeatable)")
+    parser.add_function_arguments(command, as_positional=False, skip={"model_cfg"} if train_config else None)
+    if train_config:
+        from .module import CLIPModule  # the model section of the training CLI, its types and defaults
+
+        parser.add_class_arguments(CLIPModule, "model", instantiate=False)
+        for key in TRAIN_ONLY:
+            parser.add_argument(f"--{key}", type=Any, default=None, help="(training only; ignored here)")
     try:
-        return jsonargparse.auto_cli(command, args=args, as_positional=False, prog=prog,
-                                     epilog="--debug: show the traceback of an error")
+        config = parser.parse_args(args)
+        init = parser.instantiate(config)
+        kwargs = {name: init[name] for name in inspect.signature(command).parameters if name in init}
+        if train_config:
+            from .config import to_open_clip
+
+            kwargs["model_cfg"] = to_open_clip(config.model.model_cfg)
+        return command(**kwargs)
+    except argparse.ArgumentError as err:
+        if debug:
+            raise
+        sys.exit(f"{prog}: error: {explain(parser, err)}")
     except UserError as err:
         if debug:
             raise

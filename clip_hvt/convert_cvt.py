@@ -7,15 +7,15 @@ timm layout, checked by a strict load into the named model, and saved as safeten
 or pytorch_model.bin. Nothing is downloaded. The result loads with
 `timm.create_model('cvt_13', pretrained=True, pretrained_cfg_overlay=dict(file=OUT), num_classes=...)`.
 """
-import argparse
 import json
 from pathlib import Path
-from typing import Dict
+from typing import Dict, Literal
 
 import safetensors.torch
 import timm
 import torch
 
+from clip_hvt import cli
 from clip_hvt.models.cvt import checkpoint_filter_fn
 
 MODELS = ('cvt_13', 'cvt_21', 'cvt_w24')
@@ -27,10 +27,10 @@ def load_source(src: Path) -> Dict[str, torch.Tensor]:
     if src.is_dir():
         found = [src / name for name in _DIR_WEIGHTS if (src / name).is_file()]
         if not found:
-            raise FileNotFoundError(f'{src} holds none of {_DIR_WEIGHTS}; pass the weights file itself.')
+            raise cli.UserError(f'{src} holds none of {_DIR_WEIGHTS}; pass the weights file itself.')
         src = found[0]
     if not src.is_file():
-        raise FileNotFoundError(f'No checkpoint at {src}.')
+        raise cli.UserError(f'No checkpoint at {src}; give a .safetensors/.bin/.pth file or a local HF model directory.')
     if src.suffix == '.safetensors':
         return safetensors.torch.load_file(str(src))
     state_dict = torch.load(src, map_location='cpu', weights_only=True)
@@ -50,29 +50,40 @@ def convert(state_dict: Dict[str, torch.Tensor], model_name: str) -> Dict[str, t
     try:
         missing, unexpected = model.load_state_dict(converted, strict=False)
     except RuntimeError as e:  # shape mismatches: another size
-        raise ValueError(f'{mismatch}: {e}') from e
+        raise cli.UserError(f'{mismatch}: {e}') from e
     if missing or unexpected:
-        raise ValueError(
+        raise cli.UserError(
             f'{mismatch}: {len(missing)} missing keys {missing[:5]}, '
             f'{len(unexpected)} unexpected keys {unexpected[:5]}.')
     return {k: v.contiguous() for k, v in model.state_dict().items()}
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument('--src', type=Path, required=True, help='HF checkpoint file or local HF model directory')
-    parser.add_argument('--out', type=Path, required=True, help='output .safetensors file')
-    parser.add_argument('--model', choices=MODELS, required=True)
-    args = parser.parse_args(argv)
-    if args.out.suffix != '.safetensors':
-        parser.error(f'--out must end in .safetensors, got {args.out}')
+def convert_cvt(src: Path, out: Path, model: Literal['cvt_13', 'cvt_21', 'cvt_w24']) -> Path:
+    """Convert a Hugging Face CvT checkpoint to clip_hvt's timm layout (safetensors).
 
-    state_dict = convert(load_source(args.src), args.model)
+    Args:
+        src: HF checkpoint file or local HF model directory.
+        out: output .safetensors file.
+        model: the CvT size the checkpoint is.
+    """
+    src, out = Path(src), Path(out)
+    if out.suffix != '.safetensors':
+        raise cli.UserError(f'--out must end in .safetensors, got {out}')
+    try:
+        state_dict = convert(load_source(src), model)
+    except (OSError, RuntimeError) as e:  # unreadable or not a torch/safetensors file
+        raise cli.UserError(f'cannot read {src} as a checkpoint ({type(e).__name__}: {e}); give a '
+                            'Hugging Face CvT .safetensors/.bin file or model directory') from e
     num_classes = state_dict['head.weight'].shape[0] if 'head.weight' in state_dict else 0
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    metadata = dict(model=args.model, num_classes=str(num_classes), source=str(args.src))
-    safetensors.torch.save_file(state_dict, str(args.out), metadata=metadata)
-    print(json.dumps(dict(out=str(args.out), tensors=len(state_dict), **metadata)))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    metadata = dict(model=model, num_classes=str(num_classes), source=str(src))
+    safetensors.torch.save_file(state_dict, str(out), metadata=metadata)
+    print(json.dumps(dict(out=str(out), tensors=len(state_dict), **metadata)))
+    return out
+
+
+def main(argv=None):
+    return cli.run(convert_cvt, argv, prog='python -m clip_hvt.convert_cvt')
 
 
 if __name__ == '__main__':

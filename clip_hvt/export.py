@@ -2,35 +2,43 @@
 
 Writes ``open_clip_config.json`` (``model_cfg`` + ``preprocess_cfg``) and
 ``open_clip_model.safetensors``; ``open_clip.create_model_and_transforms('local-dir:DIR')`` loads it
-with strict keys (after ``import clip_hvt`` when the image tower is one of ours).
+with strict keys (after ``import clip_hvt`` when the image tower is one of ours). Files are created
+with the process umask (a group-readable run directory stays group-readable).
 """
 from __future__ import annotations
 
-import argparse
 import json
+import pickle
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
+from open_clip.tokenizer import HFTokenizer
+from safetensors.torch import save
 
-from . import factory
+from . import cli, factory
+from .config import to_open_clip
 
 CONFIG_NAME = "open_clip_config.json"
 WEIGHTS_NAME = "open_clip_model.safetensors"
 
 
-def export_state_dict(state: dict[str, torch.Tensor], model_cfg: dict, out_dir: str | Path) -> Path:
-    """Write an open_clip model's state dict and config as an open_clip local-dir."""
+def export_state_dict(state: dict[str, torch.Tensor], model_cfg, out_dir: str | Path) -> Path:
+    """Write an open_clip model's state dict and config (``ModelCfg`` or open_clip's dict) as a local-dir."""
+    model_cfg = to_open_clip(model_cfg)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     config = {"model_cfg": model_cfg, "preprocess_cfg": factory.preprocess_cfg(model_cfg)}
     state = {k: v.detach().cpu().contiguous() for k, v in state.items()}
-    save_file(state, str(out / WEIGHTS_NAME), metadata={"format": "pt"})
+    # safetensors' save_file creates its file mode 0600 whatever the umask; write_bytes honours it.
+    (out / WEIGHTS_NAME).write_bytes(save(state, metadata={"format": "pt"}))
     (out / CONFIG_NAME).write_text(json.dumps(config, indent=2))
+    tokenizer = factory.create_tokenizer(model_cfg)
+    if isinstance(tokenizer, HFTokenizer):  # open_clip's local-dir loads a Hugging Face tokenizer from the dir
+        tokenizer.save_pretrained(str(out))
     return out
 
 
-def export_model(model: torch.nn.Module, model_cfg: dict, out_dir: str | Path) -> Path:
+def export_model(model: torch.nn.Module, model_cfg, out_dir: str | Path) -> Path:
     return export_state_dict(model.state_dict(), model_cfg, out_dir)
 
 
@@ -38,11 +46,6 @@ def open_clip_state(lightning_state: dict[str, torch.Tensor]) -> dict[str, torch
     """The open_clip model's entries of a ``CLIPModule`` state dict (``model.`` prefix removed)."""
     prefix = "model."
     return {k[len(prefix):]: v for k, v in lightning_state.items() if k.startswith(prefix)}
-
-
-def export_module(module, out_dir: str | Path) -> Path:
-    """Export a ``CLIPModule`` in memory."""
-    return export_model(module.model, module.hparams.model_cfg, out_dir)
 
 
 def export_from_trainer(trainer, module, out_dir: str | Path) -> Path | None:
@@ -54,6 +57,24 @@ def export_from_trainer(trainer, module, out_dir: str | Path) -> Path | None:
     return out
 
 
+def load_checkpoint(ckpt_path: str | Path) -> dict:
+    """A ``clip_hvt.train`` checkpoint, loaded ``weights_only``; anything else is a ``UserError``."""
+    path = Path(ckpt_path)
+    if not path.is_file():
+        raise cli.UserError(f"checkpoint '{path}' does not exist; give a .ckpt written by clip_hvt.train "
+                            "(e.g. runs/NAME/checkpoints/last.ckpt)")
+    not_ours = (f"'{path}' is not a Lightning checkpoint written by clip_hvt.train; give one from the run's "
+                "checkpoints directory (e.g. runs/NAME/checkpoints/last.ckpt)")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as err:  # not a (safe) torch file
+        raise cli.UserError(f"{not_ours} ({type(err).__name__} while reading it safely)") from err
+    if not (isinstance(ckpt, dict) and isinstance(ckpt.get("hyper_parameters"), dict)
+            and "model_cfg" in ckpt["hyper_parameters"] and isinstance(ckpt.get("state_dict"), dict)):
+        raise cli.UserError(f"{not_ours} (it has no hyper_parameters.model_cfg and state_dict)")
+    return ckpt
+
+
 def model_from_checkpoint(ckpt_path: str | Path, ema: bool | None = None) -> tuple[torch.nn.Module, dict]:
     """The open_clip model and its config from a Lightning checkpoint (``weights_only`` load).
 
@@ -61,35 +82,35 @@ def model_from_checkpoint(ckpt_path: str | Path, ema: bool | None = None) -> tup
     weights as ``current_model_state``; True takes the average (an error without one), False the
     trained weights, None ``state_dict`` (the average when there is one).
     """
-    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+    ckpt = load_checkpoint(ckpt_path)
     model_cfg = ckpt["hyper_parameters"]["model_cfg"]
     model = factory.create_model(model_cfg)
     averaged = "current_model_state" in ckpt
     if ema and not averaged:
-        raise ValueError(f"checkpoint '{ckpt_path}' holds no averaged weights: train with the callback "
+        raise cli.UserError(f"checkpoint '{ckpt_path}' holds no averaged weights: train with the callback "
                          "lightning.pytorch.callbacks.EMAWeightAveraging, or export without --ema")
     state = ckpt["current_model_state"] if averaged and ema is False else ckpt["state_dict"]
     model.load_state_dict(open_clip_state(state), strict=True)
     return model, model_cfg
 
 
+def export(ckpt: str, out: str, ema: bool | None = None) -> Path:
+    """Export a clip_hvt.train checkpoint to an open_clip local-dir.
+
+    Args:
+        ckpt: Lightning checkpoint (.ckpt) written by clip_hvt.train.
+        out: output directory (open_clip local-dir).
+        ema: true: the EMA-averaged weights (EMAWeightAveraging); false: the trained weights;
+            default: the averaged ones when the checkpoint has them.
+    """
+    model, model_cfg = model_from_checkpoint(ckpt, ema=ema)
+    path = export_model(model, model_cfg, out)
+    print(f"exported to {path}: load with open_clip.create_model_and_transforms('local-dir:{path}')")
+    return path
+
+
 def main(args: list[str] | None = None) -> Path:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--ckpt", required=True, help="Lightning checkpoint (.ckpt) written by clip_hvt.train")
-    parser.add_argument("--out", required=True, help="output directory (open_clip local-dir)")
-    parser.add_argument("--ema", type=lambda v: {"true": True, "false": False}[v.lower()], default=None,
-                        help="true: the EMA-averaged weights (EMAWeightAveraging); false: the trained weights; "
-                             "default: the averaged ones when the checkpoint has them")
-    opts = parser.parse_args(args)
-    if not Path(opts.ckpt).is_file():
-        parser.error(f"checkpoint '{opts.ckpt}' does not exist")
-    try:
-        model, model_cfg = model_from_checkpoint(opts.ckpt, ema=opts.ema)
-    except ValueError as err:
-        parser.error(str(err))
-    out = export_model(model, model_cfg, opts.out)
-    print(f"exported to {out}: load with open_clip.create_model_and_transforms('local-dir:{out}')")
-    return out
+    return cli.run(export, args, prog="python -m clip_hvt.export")
 
 
 if __name__ == "__main__":

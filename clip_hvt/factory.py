@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
+import warnings
 from typing import Any
 
 import open_clip
@@ -19,6 +20,8 @@ from open_clip.model import CLIPTextCfg, CLIPVisionCfg
 from open_clip.transform import PreprocessCfg
 
 import clip_hvt  # noqa: F401  (registers our timm models before any name lookup)
+
+from .config import to_open_clip
 
 _TOP_KEYS = {"embed_dim", "vision_cfg", "text_cfg", "quick_gelu", "init_logit_scale", "init_logit_bias",
              "custom_text", "output_dict", "nonscalar_logit_scale"}
@@ -65,6 +68,7 @@ def create_model(model_cfg: dict, image_weights: str | None = None) -> torch.nn.
     ``image_weights``: a local timm-layout checkpoint for the image trunk (e.g. PVTv2 ImageNet
     weights, or a CvT converted by ``clip_hvt.convert_cvt``); loaded with ``weights_only``.
     """
+    model_cfg = to_open_clip(model_cfg)
     validate_model_cfg(model_cfg)
     cfg = copy.deepcopy(model_cfg)
     custom_text = cfg.pop("custom_text", False) or "hf_model_name" in cfg["text_cfg"]
@@ -78,16 +82,33 @@ def create_model(model_cfg: dict, image_weights: str | None = None) -> torch.nn.
 
 
 def check_image_size(model: torch.nn.Module, model_cfg: dict) -> None:
-    """Run the image tower once on a blank image so a size its strides cannot take fails before training."""
+    """Fail before training on an image size the image tower cannot take, or whose border pixels its
+    patch embedding would drop (a non-overlapping patch conv that does not divide the size); warn
+    where the tower pads instead. Then run the tower once on a blank image of that size."""
     size = model_cfg["vision_cfg"].get("image_size", 224)
     height, width = (size, size) if isinstance(size, int) else size
+    name = model_cfg["vision_cfg"].get("timm_model_name") or "the open_clip ViT image tower"
+    owner, conv = next(((m, c) for m in model.visual.modules() for c in m.children()
+                        if isinstance(c, torch.nn.Conv2d)), (None, None))
+    if conv is not None and conv.kernel_size == conv.stride and conv.padding in (0, (0, 0), "valid"):
+        patch = conv.stride
+        if height % patch[0] or width % patch[1]:
+            fit = f"{height - height % patch[0]} or {height - height % patch[0] + patch[0]}"
+            if getattr(owner, "dynamic_img_pad", False):
+                warnings.warn(f"vision_cfg.image_size {size}: {name} pads it to a multiple of its patch size "
+                              f"{patch[0]}; {fit} wastes nothing")
+            else:
+                raise ValueError(f"vision_cfg.image_size {size} is not a multiple of the patch size {patch[0]} of "
+                                 f"{name}: its border pixels would be dropped. Use a multiple, e.g. {fit}")
     was_training = model.visual.training
     try:
         with torch.no_grad():
             model.visual.eval()(torch.zeros(1, 3, height, width))
-    except (RuntimeError, ValueError) as err:
-        name = model_cfg["vision_cfg"].get("timm_model_name") or "the ViT image tower"
-        raise ValueError(f"vision_cfg.image_size {size} does not fit {name}: {err}") from None
+    except (RuntimeError, ValueError, AssertionError) as err:  # timm asserts fixed-size inputs
+        trunk = getattr(model.visual, "trunk", None)
+        default = getattr(trunk, "pretrained_cfg", {}).get("input_size", (None, 224))[-1]
+        raise ValueError(f"vision_cfg.image_size {size} does not fit {name} ({err}); "
+                         f"use a size it takes, e.g. its default {default}") from None
     finally:
         model.visual.train(was_training)
 
@@ -120,12 +141,12 @@ def image_transforms(model_cfg: dict, aug_cfg: dict | None = None):
 
 
 def create_tokenizer(model_cfg: dict):
-    """The tokenizer ``open_clip.get_tokenizer`` returns for this config (same rules, from a dict)."""
-    text = model_cfg["text_cfg"]
+    """The tokenizer ``open_clip.get_tokenizer('local-dir:EXPORT')`` returns for this config: the same rules
+    (``hf_tokenizer_name`` picks a Hugging Face tokenizer, else CLIP's BPE), from a dict."""
+    text = to_open_clip(model_cfg)["text_cfg"]
     context_length = text.get("context_length", open_clip.tokenizer.DEFAULT_CONTEXT_LENGTH)
     kwargs = dict(text.get("tokenizer_kwargs") or {})
-    name = text.get("hf_tokenizer_name") or text.get("hf_model_name")
-    if name:
-        return open_clip.tokenizer.HFTokenizer(name, context_length=context_length,
+    if text.get("hf_tokenizer_name"):
+        return open_clip.tokenizer.HFTokenizer(text["hf_tokenizer_name"], context_length=context_length,
                                                tokenizer_mode=text.get("tokenizer_mode"), **kwargs)
     return open_clip.tokenizer.SimpleTokenizer(context_length=context_length, **kwargs)

@@ -17,6 +17,7 @@ from open_clip_train.train import get_clip_metrics
 
 from . import factory, lock
 from .cli import UserError
+from .config import ModelCfg, to_open_clip
 from .distill import Distill, Teacher, copy_text_tower, embedding_loss, teacher_tokenizer
 from .gradcache import gradcache_backward
 from .loss import build_loss
@@ -41,7 +42,7 @@ class CLIPModule(pl.LightningModule):
     """Contrastive image-text training of an open_clip model.
 
     Args:
-        model_cfg: open_clip model config (``embed_dim``, ``vision_cfg``, ``text_cfg``).
+        model_cfg: open_clip model config (``clip_hvt.config.ModelCfg``, or open_clip's JSON as a dict).
         loss: ``clip`` (InfoNCE, global negatives) or ``siglip``.
         lr, weight_decay, betas, eps: AdamW; no decay on biases, norms, gains, ``logit_scale``.
         warmup_steps: linear warmup, then cosine decay to ``min_lr_ratio * lr`` at ``trainer.max_steps``.
@@ -62,7 +63,7 @@ class CLIPModule(pl.LightningModule):
 
     def __init__(
         self,
-        model_cfg: dict,
+        model_cfg: ModelCfg,
         loss: str = "clip",
         lr: float = 5e-4,
         weight_decay: float = 0.2,
@@ -85,6 +86,7 @@ class CLIPModule(pl.LightningModule):
         distill: Distill | None = None,
     ):
         super().__init__()
+        model_cfg = to_open_clip(model_cfg)  # hparams hold open_clip's JSON dict (a plain dict also works)
         self.save_hyperparameters()
         if isinstance(distill, dict):  # from a checkpoint's hyperparameters
             distill = Distill(**distill)

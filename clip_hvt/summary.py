@@ -2,37 +2,28 @@
 
 Prints image/text parameter counts, GFLOPs per image and per caption (torch's FLOP counter),
 the output shape of every stage of the image trunk, and forward+backward throughput measured on
-this machine. Takes the same (repeatable) ``--config`` files as training; only ``model`` is read.
+this machine. Reads the training config files as they are (repeatable ``--config``, dotted
+overrides such as ``--model.model_cfg.vision_cfg.image_size 96``); only ``model`` is used.
 """
 from __future__ import annotations
 
-import argparse
 import time
 from typing import Any
 
 import torch
-import yaml
 from torch.utils.flop_counter import FlopCounterMode
 
-from . import factory
+from . import cli, factory
+from .cli import UserError
 
 
-def _merge(base: dict, over: dict) -> dict:
-    out = dict(base)
-    for key, value in over.items():
-        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
-    return out
-
-
-def model_cfg_from_configs(paths: list[str]) -> dict:
-    merged: dict[str, Any] = {}
-    for path in paths:
-        with open(path) as f:
-            merged = _merge(merged, yaml.safe_load(f) or {})
-    try:
-        return merged["model"]["model_cfg"]
-    except KeyError:
-        raise ValueError(f"no model.model_cfg in {paths}") from None
+def model_cfg_from_configs(args: list[str]) -> dict:
+    """open_clip's model config dict from training config files and flags (``["--config", FILE, ...]``),
+    parsed as every command parses them."""
+    def model_cfg(model_cfg: dict) -> dict:
+        """The model config of a training config."""
+        return model_cfg
+    return cli.run(model_cfg, args, prog="clip_hvt.summary.model_cfg_from_configs", train_config=True)
 
 
 def _params(module: torch.nn.Module) -> int:
@@ -41,7 +32,9 @@ def _params(module: torch.nn.Module) -> int:
 
 def _gflops(fn, *args) -> float:
     counter = FlopCounterMode(display=False)
-    with counter, torch.no_grad():
+    # Autograd stays on: FlopCounterMode's module tracker asserts under no_grad when a parameter is a
+    # submodule's input (the latent query of attention pooling, in every *_ms model).
+    with counter:
         fn(*args)
     return counter.get_total_flops() / 1e9
 
@@ -87,24 +80,32 @@ def summarize(model_cfg: dict, batch_size: int = 8, steps: int = 3) -> dict[str,
     }
 
 
-def main(args: list[str] | None = None) -> dict[str, Any]:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", action="append", required=True, help="YAML with model.model_cfg (repeatable)")
-    parser.add_argument("--batch_size", type=int, default=8, help="batch for the throughput measurement")
-    parser.add_argument("--steps", type=int, default=3, help="timed forward+backward steps (0: skip)")
-    opts = parser.parse_args(args)
-    cfg = model_cfg_from_configs(opts.config)
-    info = summarize(cfg, opts.batch_size, opts.steps)
-    name = cfg["vision_cfg"].get("timm_model_name") or f"open_clip ViT width {cfg['vision_cfg'].get('width')}"
+def summary(model_cfg: dict, batch_size: int = 8, steps: int = 3) -> dict[str, Any]:
+    """Parameters, GFLOPs per image and caption, stage shapes and throughput of a training config's model.
+
+    Args:
+        batch_size: batch for the throughput measurement.
+        steps: timed forward+backward steps (0: skip).
+    """
+    try:
+        info = summarize(model_cfg, batch_size, steps)
+    except ValueError as err:  # an unknown encoder or key, an image size the trunk cannot take
+        raise UserError(str(err)) from err
+    vision = model_cfg["vision_cfg"]
+    name = vision.get("timm_model_name") or f"open_clip ViT width {vision.get('width', 768)}"
     print(f"image tower  {name} @ {info['image_size'][0]}x{info['image_size'][1]}: "
           f"{info['image_params_M']:.2f} M params, {info['image_gflops']:.3f} GFLOPs/image")
     print(f"text tower   {info['text_params_M']:.2f} M params, {info['text_gflops']:.3f} GFLOPs/caption")
     for i, shape in enumerate(info["stage_shapes"]):
         print(f"  stage {i}: {list(shape)}")
     if info["pairs_per_s"] is not None:
-        print(f"forward+backward: {info['pairs_per_s']:.1f} pairs/s (batch {opts.batch_size}, "
+        print(f"forward+backward: {info['pairs_per_s']:.1f} pairs/s (batch {batch_size}, "
               f"{info['threads']} threads, this machine)")
     return info
+
+
+def main(args: list[str] | None = None) -> dict[str, Any]:
+    return cli.run(summary, args, prog="python -m clip_hvt.summary", train_config=True)
 
 
 if __name__ == "__main__":

@@ -1,33 +1,93 @@
 """Train from YAML: ``python -m clip_hvt.train --config configs/quickstart.yaml [--trainer.max_steps 20]``.
 
 Lightning's ``LightningCLI`` without subcommands (``run=False``): repeated ``--config``, dotted
-overrides, ``--print_config``. After ``fit`` it runs a final validation (zero-shot and retrieval)
-and, with ``--export_dir``, writes the open_clip export.
+overrides, ``--print_config``. One run directory, ``trainer.default_root_dir``: checkpoints go to
+``<dir>/checkpoints`` unless ``--checkpoint.dirpath`` is given (``--checkpoint.*`` sets the always-on
+``ModelCheckpoint``), the logger writes under ``<dir>`` (its ``save_dir`` is linked to it), and
+``--export_dir true`` exports to ``<dir>/export``.
+After ``fit`` it runs a final validation (zero-shot and retrieval) and, with ``--export_dir``, writes
+the open_clip export. Bad input ends in one line (``--debug``: the traceback).
 """
 from __future__ import annotations
 
+import argparse
+import glob
+import os
 import sys
 import warnings
 
+from lightning.pytorch.callbacks import ModelCheckpoint
+from jsonargparse import Namespace
 from lightning.pytorch.cli import LightningCLI
 
 from . import slurm
 from .callbacks import SkipMonitor, ZeroShotEvaluation
+from .cli import UserError, explain
+from .config import to_open_clip
 from .data.datamodule import WebDataModule
 from .export import export_from_trainer
 from .module import CLIPModule
 
+PROG = "python -m clip_hvt.train"
+
+# Known, harmless notices from our dependencies that would bury the run's own output; ignored while
+# a run is being built and trained (``main``), not for whoever imports this module.
+QUIET = (r"\.with_length\(\) only sets the value of __len__",  # we set it on purpose (epoch length)
+         r"`isinstance\(treespec, LeafSpec\)` is deprecated",
+         r"you need to define a `flops_per_batch`",  # ThroughputMonitor without FLOPs: we log samples/s
+         r"torch.distributed.nn.functional.all_gather is deprecated",  # open_clip's loss; still exact
+         # DDP on depthwise convs ([C, 1, k, k]): the strides differ only on the size-1 dim
+         r"Grad strides do not match bucket view strides",
+         # --ckpt_path last with nothing to resume: we say so in one line (resume_notice)
+         r"`.ckpt_path=\"last\"` is set, but there is no last checkpoint available",
+         r".*ckpt_path=\"last\". is set, but there is no last checkpoint available",
+         r"LightningCLI's args parameter is intended to run from within Python")  # main() passes sys.argv
+
 
 class CLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
-        parser.link_arguments("model.model_cfg", "data.model_cfg", apply_on="parse")
+        # The data module gets open_clip's dict (transforms, tokenizer), as the checkpoint and export hold it.
+        parser.link_arguments("model.model_cfg", "data.model_cfg", compute_fn=to_open_clip, apply_on="parse")
+        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        # One run directory: the checkpoint dir derives from it (before_instantiate_classes), the logger's
+        # save_dir is it.
+        parser.set_defaults({"checkpoint.save_last": True, "trainer.default_root_dir": "."})
+        parser.link_arguments("trainer.default_root_dir", "trainer.logger.init_args.save_dir", apply_on="parse")
         parser.link_arguments("model.distill", "data.distill", apply_on="parse")
         parser.add_argument("--ckpt_path", type=str | None, default=None,
                             help="checkpoint to resume from: a path, or 'last' for the run's last.ckpt")
-        parser.add_argument("--export_dir", type=str | None, default=None,
-                            help="after training, export the model to this open_clip local-dir")
+        parser.add_argument("--export_dir", type=bool | str | None, default=None,
+                            help="after training, export the model to this open_clip local-dir "
+                                 "(true: <trainer.default_root_dir>/export)")
         parser.add_argument("--final_validation", type=bool, default=True,
                             help="validate once more after fit and print the final metrics")
+
+    def parse_arguments(self, parser, args) -> None:
+        if any(".save_dir" in str(arg) for arg in args or sys.argv):  # a link target is silently replaced
+            raise UserError("the logger writes under the run directory: set --trainer.default_root_dir "
+                            "instead of the logger's save_dir")
+        try:
+            super().parse_arguments(parser, args)
+        except argparse.ArgumentError as err:
+            raise UserError(explain(parser, err)) from err
+
+    def before_instantiate_classes(self) -> None:
+        """Place everything of the run under ``trainer.default_root_dir`` unless given elsewhere."""
+        config = self.config
+        root = config.trainer.default_root_dir
+        if config.checkpoint.dirpath is None:
+            config.checkpoint.dirpath = os.path.join(root, "checkpoints")
+        # Rich's bar (Lightning's pick when rich is installed) shows max_epochs - 1, "Epoch 0/-2", for a
+        # run bounded by max_steps; TQDM's shows the epoch alone.
+        callbacks = config.trainer.callbacks or []
+        if config.trainer.enable_progress_bar is not False and not any(
+                "ProgressBar" in str(getattr(c, "class_path", "")) for c in callbacks):
+            config.trainer.callbacks = [*callbacks, Namespace(class_path="lightning.pytorch.callbacks.TQDMProgressBar",
+                                                              init_args=Namespace(refresh_rate=1))]
+        if config.export_dir is True:
+            config.export_dir = os.path.join(root, "export")
+        elif config.export_dir is False:
+            config.export_dir = None
 
 
 def _summary(metrics: dict, export_dir: str | None) -> str:
@@ -50,24 +110,13 @@ def _summary(metrics: dict, export_dir: str | None) -> str:
     return "\n".join(lines)
 
 
-# Known, harmless notices from our dependencies that would bury the run's own output.
-for _message in (r"\.with_length\(\) only sets the value of __len__",  # we set it on purpose (epoch length)
-                 r"`isinstance\(treespec, LeafSpec\)` is deprecated",
-                 r"you need to define a `flops_per_batch`",
-                 r"torch.distributed.nn.functional.all_gather is deprecated",  # open_clip's loss; still exact
-                 # DDP on depthwise convs ([C, 1, k, k]): the strides differ only on the size-1 dim
-                 r"Grad strides do not match bucket view strides"):
-    warnings.filterwarnings("ignore", message=_message)
-
-
-def build(args: list[str] | None = None) -> CLI:
-    """Parse the config and build trainer, model and data module; bad input exits with one message."""
-    try:
-        cli = CLI(CLIPModule, WebDataModule, run=False, args=args, seed_everything_default=0,
-                  save_config_kwargs={"overwrite": True}, auto_configure_optimizers=False)
-        slurm.check_trainer(cli.trainer)  # tasks vs devices, nodes vs num_nodes: fail before any rank waits
-    except (ValueError, FileNotFoundError) as err:  # bad model name, shard pattern, ...: no traceback
-        sys.exit(f"clip_hvt.train: error: {err}")
+def _build(args: list[str] | None) -> CLI:
+    cli = CLI(CLIPModule, WebDataModule, run=False, args=args, seed_everything_default=0,
+              save_config_kwargs={"overwrite": True}, auto_configure_optimizers=False,
+              parser_kwargs={"exit_on_error": False, "prog": PROG},
+              # hparams from CLIPModule's own save_hyperparameters (open_clip's dict), not the parsed namespace
+              load_from_checkpoint_support=False)
+    slurm.check_trainer(cli.trainer)  # tasks vs devices, nodes vs num_nodes: fail before any rank waits
     # Always on, whatever the config lists: skipped samples counted and a broken data set stopped;
     # the pre-timeout signal handled safely (Lightning's own SIGUSR1 save can deadlock DDP).
     for required in (SkipMonitor, slurm.RequeueOnSignal):
@@ -79,16 +128,57 @@ def build(args: list[str] | None = None) -> CLI:
     return cli
 
 
+def resume_notice(trainer, ckpt_path: str | None) -> str | None:
+    """The one line said when ``--ckpt_path last`` finds nothing to resume (training then starts, as a
+    first SLURM attempt needs); None otherwise. A path that does not exist is a ``UserError``."""
+    if ckpt_path is None:
+        return None
+    if ckpt_path != "last":
+        if ckpt_path not in ("hpc", "best", "registry") and not os.path.isfile(ckpt_path):
+            raise UserError(f"--ckpt_path '{ckpt_path}' is not a file; give a checkpoint written by "
+                            "clip_hvt.train, or 'last' to resume the run's own last.ckpt")
+        return None
+    dirs = [cb.dirpath for cb in trainer.checkpoint_callbacks if cb.dirpath]
+    if any(glob.glob(os.path.join(d, "last*.ckpt")) for d in dirs):
+        return None
+    return f"{PROG}: no checkpoint in {', '.join(dirs) or trainer.default_root_dir}, starting from step 0"
+
+
+def build(args: list[str] | None = None, debug: bool = False) -> CLI:
+    """Parse the config and build trainer, model and data module; bad input exits with one line."""
+    try:
+        return _build(args)
+    except (ValueError, FileNotFoundError) as err:  # UserError, a bad model name, shard pattern, ...
+        if debug:
+            raise
+        sys.exit(f"{PROG}: error: {err}")
+
+
 def main(args: list[str] | None = None) -> dict:
-    cli = build(args)
-    trainer, model, data = cli.trainer, cli.model, cli.datamodule
-    trainer.fit(model, datamodule=data, ckpt_path=cli.config.ckpt_path)
-    metrics = {}
-    if cli.config.final_validation and data.val_shards:
-        results = trainer.validate(model, datamodule=data, verbose=False)
-        metrics = results[0] if results else {}
-    if cli.config.export_dir:
-        export_from_trainer(trainer, model, cli.config.export_dir)
+    args = list(sys.argv[1:] if args is None else args)
+    debug = "--debug" in args
+    if debug:
+        args.remove("--debug")
+    with warnings.catch_warnings():
+        for message in QUIET:
+            warnings.filterwarnings("ignore", message=message)
+        cli = build(args, debug)
+        trainer, model, data = cli.trainer, cli.model, cli.datamodule
+        try:
+            notice = resume_notice(trainer, cli.config.ckpt_path)
+        except UserError as err:
+            if debug:
+                raise
+            sys.exit(f"{PROG}: error: {err}")
+        if notice and trainer.is_global_zero:
+            print(notice, file=sys.stderr, flush=True)
+        trainer.fit(model, datamodule=data, ckpt_path=cli.config.ckpt_path)
+        metrics = {}
+        if cli.config.final_validation and data.val_shards:
+            results = trainer.validate(model, datamodule=data, verbose=False)
+            metrics = results[0] if results else {}
+        if cli.config.export_dir:
+            export_from_trainer(trainer, model, cli.config.export_dir)
     if trainer.is_global_zero:
         print(_summary(metrics, cli.config.export_dir), flush=True)
     return metrics

@@ -204,7 +204,7 @@ def test_ranks_score_disjoint_shares_that_sum_to_the_whole_set_with_one_reduce_e
     whole = counts(0, 1)
     shares = [counts(rank, world_size) for rank in range(world_size)]
     assert torch.equal(sum(shares), whole)
-    assert whole[2] == scored and whole[3:].sum() == sum(skips.values())
+    assert whole[2] == scored and whole[3:3 + len(SKIP_REASONS)].sum() == sum(skips.values())  # then per-class counts
     if world_size == 16:
         assert sum(int(s[2]) == 0 for s in shares) >= world_size - scored
 
@@ -264,12 +264,6 @@ def test_no_image_is_kept_between_evaluations_and_scoring_streams(shapes_root, t
         done += n
         assert seen == done  # the batch being scored is all that was decoded and not yet scored
     assert _held(callback) == []
-
-
-def test_missing_shards_is_a_clear_error(tmp_path):
-    from clip_hvt.data.pipeline import zeroshot_set
-    with pytest.raises(FileNotFoundError, match="no \\*.tar shards"):
-        zeroshot_set(tmp_path)
 
 
 def test_no_sets_evaluates_nothing_with_a_one_line_notice(caplog):

@@ -4,7 +4,6 @@ import os
 
 import pytest
 import torch
-import yaml
 
 from clip_hvt.factory import create_model, validate_model_cfg
 from clip_hvt.summary import model_cfg_from_configs
@@ -23,15 +22,15 @@ def test_a_config_exists_for_every_family_and_size():
 
 @pytest.mark.parametrize("path", MODEL_CONFIGS, ids=lambda p: os.path.basename(p))
 def test_model_config_is_valid_open_clip_schema(path):
-    cfg = yaml.safe_load(open(path))["model"]["model_cfg"]
+    cfg = model_cfg_from_configs(["--config", path])
     validate_model_cfg(cfg)  # raises on unknown keys or unregistered timm names
     assert cfg["vision_cfg"]["image_size"] == 224
 
 
 @pytest.mark.parametrize("name", ["pvt_v2_b0_ms", "cvt_13", "vit_ti16"])
 def test_small_model_configs_build_and_run_at_a_smaller_size(name):
-    cfg = model_cfg_from_configs([os.path.join(ROOT, "configs", "gpu.yaml"),
-                                  os.path.join(ROOT, "configs", "models", f"{name}.yaml")])
+    cfg = model_cfg_from_configs(["--config", os.path.join(ROOT, "configs", "gpu.yaml"),
+                                  "--config", os.path.join(ROOT, "configs", "models", f"{name}.yaml")])
     size = 224 if name.startswith("vit") else 64  # open_clip's ViT has a fixed position-embedding grid
     cfg["vision_cfg"]["image_size"] = size
     model = create_model(cfg)

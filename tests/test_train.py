@@ -89,19 +89,18 @@ def test_unknown_model_name_lists_close_matches(tiny_config, in_tmp):
     assert "unknown image encoder 'pvt_v2_b9'" in message and "pvt_v2_b0" in message
 
 
-def test_unknown_config_key_is_rejected_with_valid_keys(tiny_config, in_tmp, capsys):
+def test_unknown_config_key_is_rejected_with_valid_keys(tiny_config, in_tmp):
     with pytest.raises(SystemExit) as exc:
         _run(tiny_config, in_tmp / "shapes", "--model.lrate", "0.1")
-    assert exc.value.code != 0
-    err = capsys.readouterr().err
-    assert "lrate" in err
+    message = str(exc.value.code)
+    assert "unknown key 'model.lrate' (did you mean 'lr'?)" in message and "\n" not in message
 
 
 def test_unknown_model_cfg_key_suggests_the_right_one(tiny_config, in_tmp):
     with pytest.raises(SystemExit) as exc:
         _run(tiny_config, in_tmp / "shapes", "--model.model_cfg.text_cfg.widht", "32")
     message = str(exc.value.code)
-    assert "'widht' (did you mean 'width'?)" in message and "Valid keys" in message
+    assert "text_cfg.widht' (did you mean 'width'?)" in message and "Valid keys under 'model.model_cfg.text_cfg'" in message
 
 
 def test_print_config_shows_linked_model_cfg(tiny_config, in_tmp, capsys):

@@ -17,38 +17,37 @@ all batches the counts are exact):
         image (``caption_key`` ``json.captions`` gives COCO's five), plus ``"text"`` (the first
         caption of each, tokenized) when a ``tokenizer`` is given. A worker's last batch holds no
         image when only skips are left to report (``len(batch["image"]) == 0``).
-    zeroshot_set(root, classnames=None, templates=None) -> (classnames, templates, shard paths)
     split_normalize(transform) / normalize_uint8(images, mean, std)
         Run open_clip's transform without its last two steps in the workers (uint8 out), normalize
         whole batches on the device.
 
-Usable without Lightning; ``WebDataModule`` and ``callbacks.ZeroShotEvaluation`` are built on it.
+Usable without Lightning; ``WebDataModule`` and ``clip_hvt.eval`` (which also reads the evaluation
+sets' class names and templates, ``load_set``) are built on it.
 """
 from __future__ import annotations
 
-import json
 import math
 import random
 from functools import partial
-from pathlib import Path
 from typing import Callable, Iterator, Literal, Sequence
 
 import numpy as np
 import torch
 import torchvision.transforms as T
 import webdataset as wds
-from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES, OPENAI_IMAGENET_TEMPLATES, SIMPLE_IMAGENET_TEMPLATES
 
 from .sample import MAX_IMAGE_PIXELS, SkipCounter, SkipSample, captions, decode_sample, label, npy, read_tar, where
 from .shards import WeightedResampledShards
 
 
-def read_shards(shards: Iterator[dict], counter: SkipCounter, count_shard_errors: bool = True) -> Iterator[dict]:
-    """Pipeline stage: shard dicts (``url``, optional ``source``) -> raw samples carrying both."""
+def read_shards(shards: Iterator[dict], counter: SkipCounter, count_shard_errors: bool = True,
+                read: Callable[..., Iterator[dict]] = read_tar) -> Iterator[dict]:
+    """Pipeline stage: shard dicts (``url``, optional ``source``) -> raw samples carrying both.
+    ``read``: url -> samples (a tar by default; ``clip_hvt.eval`` reads an image folder's files)."""
     for shard in shards:
         extra = {"__source__": shard["source"]} if "source" in shard else {}
         try:
-            yield from read_tar(shard["url"], **extra)
+            yield from read(shard["url"], **extra)
         except SkipSample as skip:
             if count_shard_errors:
                 counter.add(skip.reason, skip.detail)
@@ -142,11 +141,12 @@ def share(urls: Sequence[str], rank: int, world_size: int, worker: int = 0, num_
     return urls, every, offset
 
 
-def _eval_samples(urls: Sequence[str], rank: int, world_size: int, counter: SkipCounter) -> Iterator[dict]:
+def _eval_samples(urls: Sequence[str], rank: int, world_size: int, counter: SkipCounter,
+                  read: Callable[..., Iterator[dict]] = read_tar) -> Iterator[dict]:
     info = torch.utils.data.get_worker_info()
     mine, every, offset = share(urls, rank, world_size, *((info.id, info.num_workers) if info else (0, 1)))
     # readers that read the same shards: only the first counts their shard errors
-    samples = read_shards(({"url": u} for u in mine), counter, count_shard_errors=offset == 0)
+    samples = read_shards(({"url": u} for u in mine), counter, count_shard_errors=offset == 0, read=read)
     for i, sample in enumerate(samples):
         if i % every == offset:
             yield sample
@@ -181,7 +181,7 @@ def eval_loader(urls: Sequence[str], transform: Callable, batch_size: int,
                 task: Literal["classification", "retrieval"], *, rank: int = 0, world_size: int = 1,
                 num_workers: int = 0, num_classes: int | None = None, caption_key: str = "txt",
                 tokenizer: Callable | None = None, max_pixels: int = MAX_IMAGE_PIXELS,
-                min_side: int = 0) -> wds.WebLoader:
+                min_side: int = 0, read: Callable[..., Iterator[dict]] = read_tar) -> wds.WebLoader:
     """This rank's share of an evaluation set, streamed in batches; see the module docstring.
 
     ``min_side`` > 0 lets JPEGs decode at a reduced DCT scale (validation during training); the
@@ -195,40 +195,13 @@ def eval_loader(urls: Sequence[str], transform: Callable, batch_size: int,
         raise ValueError(f"task must be 'classification' or 'retrieval', got {task!r}")
     counter = SkipCounter()
     pipeline = wds.DataPipeline(
-        lambda: _eval_samples(urls, rank, world_size, counter),
+        lambda: _eval_samples(urls, rank, world_size, counter, read),
         partial(decode, transform=transform, target=target, counter=counter, max_pixels=max_pixels,
                 min_side=min_side),
         partial(_eval_batches, batch_size=batch_size, counter=counter,
                 collate_fn=partial(_eval_collate, key=key, tokenizer=tokenizer)),
     )
     return wds.WebLoader(pipeline, batch_size=None, num_workers=num_workers)
-
-
-def _names(value: str | None, root: Path, filename: str, builtin: dict[str, list]) -> list:
-    if value in builtin:
-        return list(builtin[value])
-    path = Path(value) if value else root / filename
-    if not path.is_file():
-        raise FileNotFoundError(f"zero-shot {filename[:-5]}: '{path}' does not exist; give a JSON list file "
-                                f"or one of {sorted(builtin)}")
-    return json.loads(path.read_text())
-
-
-def zeroshot_set(root: str | Path, classnames: str | None = None, templates: str | None = None):
-    """Class names, prompt templates and shard paths of a zero-shot directory; no image is read.
-
-    Layout: ``*.tar`` shards of an image + ``cls`` (the class index as text), and unless given
-    otherwise ``classnames.json`` and ``templates.json`` (``str.format`` templates with one ``{}``).
-    ``classnames='imagenet'`` and ``templates='openai'``/``'simple'`` take open_clip's lists.
-    """
-    root = Path(root)
-    shards = sorted(str(p) for p in root.glob("*.tar"))
-    if not shards:
-        raise FileNotFoundError(f"zero-shot set '{root}' has no *.tar shards (an image + cls per sample)")
-    classnames = _names(classnames, root, "classnames.json", {"imagenet": IMAGENET_CLASSNAMES})
-    templates = _names(templates, root, "templates.json",
-                       {"openai": OPENAI_IMAGENET_TEMPLATES, "simple": SIMPLE_IMAGENET_TEMPLATES})
-    return classnames, [t("{}") if callable(t) else t for t in templates], shards
 
 
 def split_normalize(transform):

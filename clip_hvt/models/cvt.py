@@ -54,6 +54,7 @@ from timm.layers import (
     DropPath, Mlp, calculate_drop_path_rates, freeze_batch_norm_2d, to_ntuple, trunc_normal_, use_fused_attn)
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
+from timm.models._features_fx import register_notrace_function, register_notrace_module
 
 __all__ = ['ConvolutionalVisionTransformer', 'checkpoint_filter_fn']
 
@@ -65,6 +66,7 @@ _GLOBAL_POOLS = ('token', 'avg', '')
 _CPU_SDPA_MIN_SCORES = 2 ** 20
 
 
+@register_notrace_module  # its device/autocast branch is Python control flow: an fx leaf
 class ConvProjection(nn.Module):
     """ Depthwise conv + BatchNorm that turns a feature map into q, k or v tokens. """
 
@@ -75,13 +77,30 @@ class ConvProjection(nn.Module):
         self.bn = nn.BatchNorm2d(dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if max(self.conv.stride) > 1 and x.device.type == 'cpu' and torch.is_autocast_enabled('cpu'):
-            # oneDNN's bf16 backward of strided depthwise convs is ~30x slower than fp32 on CPU
-            with torch.autocast('cpu', enabled=False):
-                x = self.bn(self.conv(x.to(self.conv.weight.dtype)))
-        else:
-            x = self.bn(self.conv(x))
+        if not torch.jit.is_scripting():  # torchscript has no autocast state to ask
+            if self.conv.stride[0] > 1 and x.device.type == 'cpu' and torch.is_autocast_enabled('cpu'):
+                # oneDNN's bf16 backward of strided depthwise convs is ~30x slower than fp32 on CPU
+                with torch.autocast('cpu', enabled=False):
+                    x = self.bn(self.conv(x.to(self.conv.weight.dtype)))
+                return x.permute(0, 2, 3, 1).flatten(1, 2)
+        x = self.bn(self.conv(x))
         return x.permute(0, 2, 3, 1).flatten(1, 2)  # a view: the map is channels-last
+
+
+@register_notrace_function  # chooses the kernel from the device and sizes: opaque to fx
+def conv_attention(
+        q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, dropout_p: float, fused: bool,
+        cpu_sdpa_min_scores: int,
+) -> torch.Tensor:
+    if fused and (q.device.type != 'cpu' or q.shape[-2] * k.shape[-2] >= cpu_sdpa_min_scores):
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, scale=scale)
+    attn = (q * scale) @ k.transpose(-2, -1)
+    attn = F.dropout(attn.softmax(dim=-1), dropout_p, dropout_p > 0.)
+    return attn @ v
+
+
+# also wrapped for traces rooted elsewhere (a `<trunk>_ms` model calls forward_intermediates, not a module call)
+torch.fx.wrap('conv_attention')
 
 
 class ConvAttention(nn.Module):
@@ -106,6 +125,7 @@ class ConvAttention(nn.Module):
         # the reference CvT scales by the full width; kept so that converted weights behave identically
         self.scale = dim ** -0.5
         self.fused_attn = use_fused_attn()
+        self.cpu_sdpa_min_scores = _CPU_SDPA_MIN_SCORES  # an attribute: torchscript reads no int globals
 
         self.conv_proj_q = ConvProjection(dim, kernel_size, stride_q)
         self.conv_proj_k = ConvProjection(dim, kernel_size, stride_kv)
@@ -121,32 +141,24 @@ class ConvAttention(nn.Module):
         B, N, C = x.shape
         return x.view(B, N, self.num_heads, C // self.num_heads).transpose(1, 2)
 
-    def _project(self, conv_proj: ConvProjection, linear: nn.Linear, x_map, prefix) -> torch.Tensor:
-        x = conv_proj(x_map)
-        if prefix is not None:
-            x = torch.cat([prefix, x], dim=1)
-        return self._heads(linear(x))
+    def _with_prefix(self, x: torch.Tensor, prefix: Optional[torch.Tensor]) -> torch.Tensor:
+        return x if prefix is None else torch.cat([prefix, x], dim=1)
 
     def forward(self, x: torch.Tensor, feat_size: Tuple[int, int]) -> torch.Tensor:
         B, N, C = x.shape
         H, W = feat_size
-        prefix = None
+        prefix: Optional[torch.Tensor] = None
         x_map = x[:, self.num_prefix_tokens:].reshape(B, H, W, C).permute(0, 3, 1, 2)
         if self.num_prefix_tokens:
             prefix = x[:, :self.num_prefix_tokens]
             # one copy here instead of one inside each of the three convs
             x_map = x_map.contiguous(memory_format=torch.channels_last)
 
-        q = self._project(self.conv_proj_q, self.q, x_map, prefix)
-        k = self._project(self.conv_proj_k, self.k, x_map, prefix)
-        v = self._project(self.conv_proj_v, self.v, x_map, prefix)
-        if self.fused_attn and (x.device.type != 'cpu' or q.shape[-2] * k.shape[-2] >= _CPU_SDPA_MIN_SCORES):
-            x = F.scaled_dot_product_attention(
-                q, k, v, dropout_p=self.attn_drop if self.training else 0., scale=self.scale)
-        else:
-            attn = (q * self.scale) @ k.transpose(-2, -1)
-            attn = F.dropout(attn.softmax(dim=-1), self.attn_drop, self.training)
-            x = attn @ v
+        q = self._heads(self.q(self._with_prefix(self.conv_proj_q(x_map), prefix)))
+        k = self._heads(self.k(self._with_prefix(self.conv_proj_k(x_map), prefix)))
+        v = self._heads(self.v(self._with_prefix(self.conv_proj_v(x_map), prefix)))
+        x = conv_attention(
+            q, k, v, self.scale, self.attn_drop if self.training else 0., self.fused_attn, self.cpu_sdpa_min_scores)
 
         x = x.transpose(1, 2).reshape(B, N, C)
         x = self.proj(x)
@@ -234,6 +246,16 @@ def _frozen_bn_stats(module: nn.Module):
             m.num_batches_tracked.copy_(num_batches_tracked)
 
 
+def _checkpoint_block(blk: nn.Module, x: torch.Tensor, feat_size: Tuple[int, int]) -> torch.Tensor:
+    # direct call instead of timm's wrapper: context_fn needs the non-reentrant variant; a function of its own
+    # because torchscript cannot parse the lambda (it never compiles this branch)
+    return torch.utils.checkpoint.checkpoint(
+        blk, x, feat_size,
+        use_reentrant=False,
+        context_fn=lambda blk=blk: (nullcontext(), _frozen_bn_stats(blk)),
+    )
+
+
 class CvtStage(nn.Module):
 
     def __init__(
@@ -279,13 +301,8 @@ class CvtStage(nn.Module):
         if self.cls_token is not None:
             x = torch.cat([self.cls_token.expand(B, -1, -1), x], dim=1)
         for blk in self.blocks:
-            if self.grad_checkpointing and torch.is_grad_enabled():
-                # direct call instead of timm's wrapper: context_fn needs the non-reentrant variant
-                x = torch.utils.checkpoint.checkpoint(
-                    blk, x, feat_size,
-                    use_reentrant=False,
-                    context_fn=lambda blk=blk: (nullcontext(), _frozen_bn_stats(blk)),
-                )
+            if self.grad_checkpointing and torch.is_grad_enabled() and not torch.jit.is_scripting():
+                x = _checkpoint_block(blk, x, feat_size)
             else:
                 x = blk(x, feat_size)
         return x, feat_size
@@ -297,8 +314,31 @@ def _tokens_to_map(x: torch.Tensor, feat_size: Tuple[int, int], num_prefix_token
     return x[:, num_prefix_tokens:].reshape(B, feat_size[0], feat_size[1], C).permute(0, 3, 1, 2)
 
 
-def _conv_out(size: int, conv: nn.Conv2d, dim: int) -> int:
-    return (size + 2 * conv.padding[dim] - conv.kernel_size[dim]) // conv.stride[dim] + 1
+Geometry = Tuple[Tuple[Tuple[int, int, int], Tuple[int, int, int]], ...]  # per stage, per side: kernel, stride, pad
+
+
+def _stage_sizes(img_size: Tuple[int, int], geometry: Geometry) -> List[Tuple[int, int]]:
+    sizes = []
+    h, w = img_size
+    for (kh, sh, ph), (kw, sw, pw) in geometry:
+        h, w = (h + 2 * ph - kh) // sh + 1, (w + 2 * pw - kw) // sw + 1
+        sizes.append((h, w))
+    return sizes
+
+
+@register_notrace_function  # checks concrete sizes: opaque to fx (a public name: fx autowraps no _private one)
+def check_input(x: torch.Tensor, in_chans: int, geometry: Geometry) -> None:
+    if x.ndim != 4 or x.shape[1] != in_chans:
+        raise ValueError(f'CvT expects images of shape (B, {in_chans}, H, W), got {tuple(x.shape)}.')
+    sizes = _stage_sizes(tuple(x.shape[-2:]), geometry)
+    if min(min(s) for s in sizes) < 1:
+        min_size = next(n for n in range(1, 1 << 16) if min(_stage_sizes((n, n), geometry)[-1]) >= 1)
+        raise ValueError(
+            f'Image size {tuple(x.shape[-2:])} is too small for this CvT: every side needs at least '
+            f'{min_size} pixels (stage maps for this size would be {sizes}).')
+
+
+torch.fx.wrap('check_input')
 
 
 class ConvolutionalVisionTransformer(nn.Module):
@@ -428,35 +468,16 @@ class ConvolutionalVisionTransformer(nn.Module):
         self.head = nn.Linear(self.num_features, num_classes, device=device) if num_classes > 0 else nn.Identity()
         self.head.train(self.training)
 
+    @torch.jit.ignore
+    def _geometry(self) -> Geometry:
+        convs = [stage.patch_embed.proj for stage in self.stages]
+        return tuple(tuple((c.kernel_size[d], c.stride[d], c.padding[d]) for d in (0, 1)) for c in convs)
+
+    @torch.jit.ignore
     def feat_sizes(self, img_size: Tuple[int, int]) -> List[Tuple[int, int]]:
         """ (H, W) of every stage's map for an image size; ValueError if the strides cannot take it. """
-        sizes = []
-        h, w = img_size
-        for stage in self.stages:
-            conv = stage.patch_embed.proj
-            h, w = _conv_out(h, conv, 0), _conv_out(w, conv, 1)
-            sizes.append((h, w))
-        if min(min(s) for s in sizes) < 1:
-            raise ValueError(
-                f'Image size {tuple(img_size)} is too small for this CvT: every side needs at least '
-                f'{self._min_img_size()} pixels (stage maps for this size would be {sizes}).')
-        return sizes
-
-    def _min_img_size(self) -> int:
-        size = 1
-        while True:
-            h = size
-            for stage in self.stages:
-                h = _conv_out(h, stage.patch_embed.proj, 0)
-            if h >= 1:
-                return size
-            size += 1
-
-    def _check_input(self, x: torch.Tensor):
-        if x.ndim != 4 or x.shape[1] != self.in_chans:
-            raise ValueError(
-                f'CvT expects images of shape (B, {self.in_chans}, H, W), got {tuple(x.shape)}.')
-        self.feat_sizes(x.shape[-2:])
+        check_input(torch.empty(0, self.in_chans, *img_size, device='meta'), self.in_chans, self._geometry())
+        return _stage_sizes(tuple(img_size), self._geometry())
 
     def forward_intermediates(
             self,
@@ -482,24 +503,28 @@ class ConvolutionalVisionTransformer(nn.Module):
             Per-stage maps, or (final tokens (B, prefix + H * W, C), per-stage maps).
         """
         assert output_fmt in ('NCHW',), 'Output shape must be NCHW.'
-        self._check_input(x)
+        if not torch.jit.is_scripting():
+            check_input(x, self.in_chans, self._geometry())
         intermediates = []
         take_indices, max_index = feature_take_indices(len(self.stages), indices)
         last_idx = len(self.stages) - 1
-        stages = self.stages[:max_index + 1] if stop_early else self.stages
 
         x = x.contiguous(memory_format=torch.channels_last)
-        for feat_idx, stage in enumerate(stages):
-            if feat_idx > 0:
-                x = _tokens_to_map(x, feat_size, 0)
-            x, feat_size = stage(x)
-            if feat_idx in take_indices:
-                x_inter = self.norm(x) if norm and feat_idx == last_idx else x
-                intermediates.append(_tokens_to_map(x_inter, feat_size, stage.num_prefix_tokens))
+        feat_size = (x.shape[-2], x.shape[-1])  # defined before the loop for torchscript
+        for feat_idx, stage in enumerate(self.stages):
+            if stop_early and feat_idx > max_index:  # (no break: torchscript unrolls ModuleList loops)
+                pass
+            else:
+                if feat_idx > 0:
+                    x = _tokens_to_map(x, feat_size, 0)
+                x, feat_size = stage(x)
+                if feat_idx in take_indices:
+                    x_inter = self.norm(x) if norm and feat_idx == last_idx else x
+                    intermediates.append(_tokens_to_map(x_inter, feat_size, stage.num_prefix_tokens))
 
         if intermediates_only:
             return intermediates
-        if len(stages) == len(self.stages):
+        if not stop_early or max_index == last_idx:
             x = self.norm(x)
         return x, intermediates
 
@@ -525,8 +550,10 @@ class ConvolutionalVisionTransformer(nn.Module):
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """ Image (B, C, H, W) -> normalised final tokens (B, prefix + H3 * W3, C), class token first. """
-        self._check_input(x)
+        if not torch.jit.is_scripting():
+            check_input(x, self.in_chans, self._geometry())
         x = x.contiguous(memory_format=torch.channels_last)
+        feat_size = (x.shape[-2], x.shape[-1])  # defined before the loop for torchscript
         for i, stage in enumerate(self.stages):
             if i > 0:
                 x = _tokens_to_map(x, feat_size, 0)

@@ -27,6 +27,7 @@ Plain last-stage average pooling is the trunk itself (`pvt_v2_b2`, global_pool '
 import re
 import sys
 from dataclasses import dataclass, replace
+from functools import partial
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -35,8 +36,9 @@ import torch.nn.functional as F
 
 import timm
 from timm.layers import AttentionPoolLatent, get_device_dtype, trunc_normal_
-from timm.models import register_model
-from timm.models._features import feature_take_indices
+from timm.models import build_model_with_cfg, generate_default_cfgs, get_pretrained_cfg, register_model
+from timm.models._features import FeatureGetterNet, feature_take_indices
+from timm.models._builder import pretrained_cfg_for_features
 
 __all__ = ['MultiScale', 'MultiScaleTokens', 'PoolSpec', 'parse_pool', 'create_multiscale', 'register_multiscale',
            'multiscale_trunks']
@@ -139,24 +141,28 @@ class MultiScaleTokens(nn.Module):
         if self.pos_embed is not None:
             trunc_normal_(self.pos_embed, std=.02)
 
-    def project(self, maps: Sequence[torch.Tensor]) -> List[torch.Tensor]:
-        """Pool and project each stage map to (B, grid**2, width), before any embedding is added."""
+    def project(self, maps: List[torch.Tensor], grid: Optional[int] = None) -> List[torch.Tensor]:
+        """Pool and project each stage map to (B, grid**2, width) (default: the trained grid), before any embedding."""
+        grid = self.grid if grid is None else grid
         tokens = []
-        for x, norm, proj in zip(maps, self.norms, self.projs):
-            x = F.adaptive_avg_pool2d(x, self.grid).flatten(2).transpose(1, 2)
+        for i, (norm, proj) in enumerate(zip(self.norms, self.projs)):  # torchscript zips no tensor list
+            x = F.adaptive_avg_pool2d(maps[i], grid).flatten(2).transpose(1, 2)
             tokens.append(proj(norm(x)))
         return tokens
 
-    def embed(self, tokens: Sequence[torch.Tensor]) -> torch.Tensor:
+    def embed(self, tokens: List[torch.Tensor], pos_embed: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Add the stage and (grid > 1) position embeddings (pos_embed: one resampled for another grid),
+        concatenate stage by stage."""
+        pos_embed = self.pos_embed if pos_embed is None else pos_embed
         out = []
-        for t, stage_embed in zip(tokens, self.stage_embed):
-            t = t + stage_embed
-            if self.pos_embed is not None:
-                t = t + self.pos_embed
+        for i, t in enumerate(tokens):
+            t = t + self.stage_embed[i]  # indexed, not iterated: a traced parameter cannot be iterated (fx)
+            if pos_embed is not None:
+                t = t + pos_embed
             out.append(t)
         return torch.cat(out, dim=1)
 
-    def forward(self, maps: Sequence[torch.Tensor]) -> torch.Tensor:
+    def forward(self, maps: List[torch.Tensor]) -> torch.Tensor:
         return self.embed(self.project(maps))
 
 
@@ -206,7 +212,6 @@ class MultiScale(nn.Module):
             num_classes: int = 1000,
             global_pool: str = 'attn',
             drop_rate: float = 0.,
-            architecture: Optional[str] = None,
     ):
         super().__init__()
         if not hasattr(trunk, 'forward_intermediates') or not hasattr(trunk, 'feature_info'):
@@ -221,12 +226,9 @@ class MultiScale(nn.Module):
         dd = get_device_dtype(trunk)
         self.head = nn.Linear(self.num_features, num_classes, **dd) if num_classes > 0 else nn.Identity()
 
-        trunk_cfg = getattr(trunk, 'pretrained_cfg', None) or {}
-        self.pretrained_cfg = {k: v for k, v in trunk_cfg.items() if k in _PREPROCESS_CFG_KEYS}
-        self.pretrained_cfg.update(
-            architecture=architecture, num_classes=num_classes, classifier='head', pool_size=None,
-            first_conv='trunk.' + trunk_cfg['first_conv'] if trunk_cfg.get('first_conv') else None)
-        self.default_cfg = self.pretrained_cfg
+        # the trunk's stages are this model's features (features_only, forward_intermediates)
+        self.feature_info = [
+            dict(info, module=f"trunk.{info['module']}") for info in self.trunk.feature_info[:self.num_stages]]
 
     def _build_head(self, global_pool: str):
         dd = get_device_dtype(self.trunk)
@@ -241,6 +243,7 @@ class MultiScale(nn.Module):
             pool, self.num_features = _create_reducer(spec, dd)
             self.pool = pool.train(self.training)
         self.spec = spec
+        self.stage_indices: List[int] = list(spec.stages)  # the spec's stages, typed for torchscript
         self.global_pool = global_pool
         self.head_hidden_size = self.num_features
 
@@ -270,6 +273,11 @@ class MultiScale(nn.Module):
     def get_classifier(self) -> nn.Module:
         return self.head
 
+    @torch.jit.ignore
+    def set_input_size(self, img_size=None, **kwargs):
+        """Resize a fixed-size trunk (swin); open_clip's TimmModel.set_input_size calls this."""
+        self.trunk.set_input_size(img_size=img_size, **kwargs)
+
     def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None):
         """New classifier; a new global_pool rebuilds only the head parts whose options changed."""
         if global_pool is not None:
@@ -279,10 +287,27 @@ class MultiScale(nn.Module):
                 global_pool = ':'.join([''] + options)
             self._build_head(global_pool)
         self.num_classes = num_classes
-        self.pretrained_cfg['num_classes'] = num_classes
         dd = get_device_dtype(self.trunk)
         self.head = nn.Linear(self.num_features, num_classes, **dd) if num_classes > 0 else nn.Identity()
         self.head.train(self.training)
+
+    def prune_intermediate_layers(
+            self,
+            indices: Union[int, List[int]] = 1,
+            prune_norm: bool = False,
+            prune_head: bool = True,
+    ):
+        """Keep the trunk stages the indices need (timm's features_only); the token head goes with the head."""
+        take_indices, max_index = feature_take_indices(self.num_stages, indices)
+        if prune_head or max_index < max(self.spec.stages):
+            self.tokens, self.pool, self.head = nn.Identity(), nn.Identity(), nn.Identity()
+            self.num_classes = 0
+            self.spec = None  # no token head: forward_intermediates returns stage maps only
+        if hasattr(self.trunk, 'prune_intermediate_layers'):
+            self.trunk.prune_intermediate_layers(take_indices, prune_norm=prune_norm, prune_head=True)
+        self.num_stages = max_index + 1
+        self.feature_info = self.feature_info[:self.num_stages]
+        return take_indices
 
     def forward_intermediates(
             self,
@@ -297,6 +322,8 @@ class MultiScale(nn.Module):
         if output_fmt not in ('NCHW', 'NHWC'):
             raise ValueError(f"output_fmt must be 'NCHW' or 'NHWC', got '{output_fmt}'")
         take_indices, _ = feature_take_indices(self.num_stages, indices)
+        if not intermediates_only and self.spec is None:
+            raise ValueError('the token head was pruned (features_only); use intermediates_only=True')
         needed = set(take_indices) if intermediates_only else set(take_indices) | set(self.spec.stages)
         needed = sorted(needed)
         maps = self.trunk.forward_intermediates(
@@ -311,7 +338,8 @@ class MultiScale(nn.Module):
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         maps = self.trunk.forward_intermediates(
-            x, indices=list(self.spec.stages), stop_early=True, intermediates_only=True)
+            x, indices=self.stage_indices, stop_early=True, intermediates_only=True)
+        assert isinstance(maps, list)  # narrows the trunk's declared return type for torchscript
         return self.tokens(maps)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
@@ -325,38 +353,74 @@ class MultiScale(nn.Module):
         return x
 
 
-def _create_multiscale(
+def _build(
         trunk_name: str,
-        pretrained: bool = False,
         num_classes: int = 1000,
         global_pool: str = 'attn',
         drop_rate: float = 0.,
         **trunk_kwargs,
 ) -> MultiScale:
-    # pretrained loads the trunk's own timm weights; the multiscale head always starts fresh
-    trunk = timm.create_model(trunk_name, pretrained=pretrained, num_classes=0, **trunk_kwargs)
-    return MultiScale(
-        trunk, num_classes=num_classes, global_pool=global_pool, drop_rate=drop_rate,
-        architecture=f'{trunk_name}_ms')
+    """The trunk (random init; weights come through timm's pretrained loading of the whole model) + the head.
+
+    trunk_kwargs reach the trunk, img_size included: timm passes it from the cfg to fixed-size trunks (swin)."""
+    trunk = timm.create_model(trunk_name, pretrained=False, num_classes=0, **trunk_kwargs)
+    return MultiScale(trunk, num_classes=num_classes, global_pool=global_pool, drop_rate=drop_rate)
 
 
+def _create_multiscale(variant: str, trunk_name: str, pretrained: bool = False, **kwargs) -> MultiScale:
+    features_only = kwargs.pop('features_only', False)
+    out_indices = kwargs.pop('out_indices', None)
+    feature_cls = kwargs.pop('feature_cls', 'getter')
+    feature_cfg = kwargs.pop('feature_cfg', None) or {}
+    feature_cls = feature_cfg.pop('feature_cls', feature_cls)
+    if features_only and feature_cls != 'getter':
+        raise ValueError(f"{variant}: features_only supports feature_cls='getter' only, got {feature_cls!r}")
+    model = build_model_with_cfg(partial(_build, trunk_name), variant, pretrained, **kwargs)
+    if not features_only:
+        return model
+    # wrapped here rather than by build_model_with_cfg: the default out_indices (every stage) depend on the
+    # trunk, which is only known once it is built
+    if out_indices is None:
+        out_indices = feature_cfg.pop('out_indices', tuple(range(len(model.feature_info))))
+    features = FeatureGetterNet(model, out_indices=out_indices, **feature_cfg)
+    features.pretrained_cfg = features.default_cfg = pretrained_cfg_for_features(model.pretrained_cfg)
+    return features
+
+
+def _ms_cfg(trunk_name: str) -> dict:
+    """The `<trunk>_ms` default cfg: the trunk's preprocessing, no weights of its own (pool_size None:
+    forward_features returns a token sequence, as timm's ViTs do)."""
+    trunk_cfg = get_pretrained_cfg(trunk_name)
+    trunk_cfg = trunk_cfg.to_dict() if trunk_cfg is not None else {}
+    cfg = {k: trunk_cfg[k] for k in _PREPROCESS_CFG_KEYS if trunk_cfg.get(k) is not None}
+    first_conv = trunk_cfg.get('first_conv')
+    if isinstance(first_conv, str):
+        first_conv = 'trunk.' + first_conv
+    elif first_conv:
+        first_conv = tuple('trunk.' + c for c in first_conv)
+    cfg.update(num_classes=1000, classifier='head', pool_size=None, first_conv=first_conv)
+    return cfg
+
+
+default_cfgs: Dict = {}
 _REGISTERED: Dict[str, str] = {}  # trunk name -> registered multiscale model name
 
 
 def register_multiscale(trunk_name: str) -> str:
-    """Register `<trunk_name>_ms` in timm's registry (idempotent) and return that name."""
+    """Register `<trunk_name>_ms` and its default cfg in timm's registry (idempotent) and return that name."""
     if trunk_name in _REGISTERED:
         return _REGISTERED[trunk_name]
     if not timm.is_model(trunk_name):
         raise ValueError(f"'{trunk_name}' is not a timm model; register its module before clip_hvt.models.multiscale")
+    name = f'{trunk_name}_ms'
 
     def entrypoint(pretrained: bool = False, **kwargs) -> MultiScale:
-        return _create_multiscale(trunk_name, pretrained=pretrained, **kwargs)
+        return _create_multiscale(name, trunk_name, pretrained=pretrained, **kwargs)
 
-    name = f'{trunk_name}_ms'
     entrypoint.__name__ = entrypoint.__qualname__ = name
     entrypoint.__module__ = __name__
     entrypoint.__doc__ = f'{trunk_name} with pooled multiscale tokens; global_pool grammar in {__name__}.'
+    default_cfgs.update(generate_default_cfgs({name: _ms_cfg(trunk_name)}))
     register_model(entrypoint)
     setattr(sys.modules[__name__], name, entrypoint)
     _REGISTERED[trunk_name] = name

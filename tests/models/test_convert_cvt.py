@@ -128,8 +128,8 @@ def test_convert_command_runs_as_module_on_a_bin_file(tmp_path):
 
 def test_convert_command_rejects_the_wrong_size(tmp_path):
     safetensors.torch.save_file(hf_headless().state_dict(), str(tmp_path / 'cvt13.safetensors'))
-    with pytest.raises(ValueError, match='does not fit cvt_21.*missing keys'):
+    with pytest.raises(SystemExit, match='does not fit cvt_21.*missing keys'):
         convert_main(['--src', str(tmp_path / 'cvt13.safetensors'), '--out', str(tmp_path / 'x.safetensors'),
                       '--model', 'cvt_21'])
-    with pytest.raises(FileNotFoundError, match='model.safetensors'):
+    with pytest.raises(SystemExit, match='model.safetensors'):
         convert_main(['--src', str(tmp_path), '--out', str(tmp_path / 'x.safetensors'), '--model', 'cvt_13'])
