@@ -193,7 +193,7 @@ def test_distill_configs_run_on_the_cpu_with_the_quickstart_export_as_teacher(co
 def test_missing_teacher_stops_training_with_one_line(tmp_path, monkeypatch):
     with pytest.raises(SystemExit) as exc:
         _train_with("distill_live.yaml", tmp_path, monkeypatch)
-    assert str(exc.value.code).startswith("clip_hvt.train: error: teacher 'runs/quickstart/export' not found: no ")
+    assert str(exc.value.code).startswith("python -m clip_hvt.train: error: teacher 'runs/quickstart/export' not found: no ")
     assert "the quickstart writes runs/quickstart/export" in str(exc.value.code)
 
 
