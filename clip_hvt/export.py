@@ -79,23 +79,35 @@ def load_checkpoint(ckpt_path: str | Path) -> dict:
     return ckpt
 
 
-def model_from_checkpoint(ckpt_path: str | Path) -> tuple[torch.nn.Module, dict]:
-    """The open_clip model and its config from a Lightning checkpoint (``weights_only`` load)."""
+def model_from_checkpoint(ckpt_path: str | Path, ema: bool | None = None) -> tuple[torch.nn.Module, dict]:
+    """The open_clip model and its config from a Lightning checkpoint (``weights_only`` load).
+
+    ``ema``: Lightning's ``EMAWeightAveraging`` saves the average as ``state_dict`` and the trained
+    weights as ``current_model_state``; True takes the average (an error without one), False the
+    trained weights, None ``state_dict`` (the average when there is one).
+    """
     ckpt = load_checkpoint(ckpt_path)
     model_cfg = ckpt["hyper_parameters"]["model_cfg"]
     model = factory.create_model(model_cfg)
-    model.load_state_dict(open_clip_state(ckpt["state_dict"]), strict=True)
+    averaged = "current_model_state" in ckpt
+    if ema and not averaged:
+        raise cli.UserError(f"checkpoint '{ckpt_path}' holds no averaged weights: train with the callback "
+                         "lightning.pytorch.callbacks.EMAWeightAveraging, or export without --ema")
+    state = ckpt["current_model_state"] if averaged and ema is False else ckpt["state_dict"]
+    model.load_state_dict(open_clip_state(state), strict=True)
     return model, model_cfg
 
 
-def export(ckpt: str, out: str) -> Path:
+def export(ckpt: str, out: str, ema: bool | None = None) -> Path:
     """Export a clip_hvt.train checkpoint to an open_clip local-dir.
 
     Args:
         ckpt: Lightning checkpoint (.ckpt) written by clip_hvt.train.
         out: output directory (open_clip local-dir).
+        ema: true: the EMA-averaged weights (EMAWeightAveraging); false: the trained weights;
+            default: the averaged ones when the checkpoint has them.
     """
-    model, model_cfg = model_from_checkpoint(ckpt)
+    model, model_cfg = model_from_checkpoint(ckpt, ema=ema)
     path = export_model(model, model_cfg, out)
     print(f"exported to {path}: load with open_clip.create_model_and_transforms('local-dir:{path}')")
     return path

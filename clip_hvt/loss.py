@@ -20,7 +20,7 @@ from typing import Optional
 
 import torch
 from torch import nn
-from open_clip.loss import ClipLoss, SigLipLoss
+from open_clip.loss import ClipLoss, DistillClipLoss, SigLipLoss
 
 __all__ = ['build_loss', 'LOSS_NAMES']
 
@@ -39,9 +39,9 @@ class _SigLipLoss(SigLipLoss):
         return super().forward(image_features, text_features, logit_scale, logit_bias, output_dict=output_dict)
 
 
-def _clip_loss(rank: int, world_size: int) -> nn.Module:
+def _clip_loss(rank: int, world_size: int, cls: type = ClipLoss) -> nn.Module:
     # gather's backward sums all ranks' loss grads into each rank's features; DDP averages: d mean(loss_r)=d loss(all)
-    return ClipLoss(
+    return cls(
         local_loss=True,
         gather_with_grad=True,
         cache_labels=True,
@@ -62,16 +62,24 @@ _LOSSES = {
 LOSS_NAMES = tuple(_LOSSES)
 
 
-def build_loss(name: str, rank: int = 0, world_size: int = 1) -> nn.Module:
+def build_loss(name: str, rank: int = 0, world_size: int = 1, distill: bool = False) -> nn.Module:
     """ Build the contrastive loss ``name`` for the process ``rank`` of ``world_size``.
 
     Args:
         name: one of ``LOSS_NAMES`` ('clip', 'siglip').
         rank: global rank of this process (``trainer.global_rank``).
         world_size: number of processes (``trainer.world_size``).
+        distill: open_clip's ``DistillClipLoss`` with the same settings (``clip`` only), called as
+            ``loss_fn(image_f, text_f, logit_scale, teacher_image_f, teacher_text_f, teacher_logit_scale)``
+            and returning ``(contrastive_loss, distill_loss)``.
     """
     if name not in _LOSSES:
         raise ValueError(f"Unknown loss {name!r}; valid losses are: {', '.join(LOSS_NAMES)}.")
     if world_size < 1 or not 0 <= rank < world_size:
         raise ValueError(f"Need 0 <= rank < world_size and world_size >= 1, got rank={rank}, world_size={world_size}.")
+    if distill:
+        if name != 'clip':
+            raise ValueError(f"DistillClipLoss is InfoNCE's: it needs loss 'clip', not {name!r} "
+                             "(or set model.distill.clip_weight 0 and distil embeddings only)")
+        return _clip_loss(rank, world_size, DistillClipLoss)
     return _LOSSES[name](rank, world_size)

@@ -7,6 +7,7 @@ features of the whole validation set, gathered from every rank.
 from __future__ import annotations
 
 import math
+from dataclasses import asdict
 
 import lightning.pytorch as pl
 import torch
@@ -14,8 +15,10 @@ import torch.distributed as dist
 from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, SingleDeviceStrategy
 from open_clip_train.train import get_clip_metrics
 
-from . import factory, flops
+from . import factory, flops, lock
+from .cli import UserError
 from .config import ModelCfg, to_open_clip
+from .distill import Distill, Teacher, copy_text_tower, embedding_loss, teacher_tokenizer
 from .gradcache import gradcache_backward
 from .loss import build_loss
 
@@ -50,6 +53,12 @@ class CLIPModule(pl.LightningModule):
             the whole (global) batch; exact gradients at the activation memory of one micro-batch.
         compile: ``torch.compile`` both towers in place (state-dict keys unchanged).
         channels_last: keep the image tower and images in channels-last memory format (faster convs on GPUs).
+        lock_image, lock_image_unlocked_groups, lock_image_freeze_bn_stats: LiT locking of the image tower
+            but its last groups (timm's ``group_matcher``), BatchNorm statistics of locked groups frozen;
+            open_clip_train's ``--lock-image*`` flags.
+        lock_text, lock_text_unlocked_layers, lock_text_freeze_layer_norm: the same for the text tower
+            (``--lock-text*``); ``lock_text_freeze_layer_norm=False`` keeps locked layers' LayerNorms trainable.
+        distill: distillation from a frozen open_clip teacher (``clip_hvt.distill.Distill``).
     """
 
     def __init__(
@@ -68,16 +77,36 @@ class CLIPModule(pl.LightningModule):
         micro_batch_size: int | None = None,
         compile: bool = False,
         channels_last: bool = False,
+        lock_image: bool = False,
+        lock_image_unlocked_groups: int = 0,
+        lock_image_freeze_bn_stats: bool = False,
+        lock_text: bool = False,
+        lock_text_unlocked_layers: int = 0,
+        lock_text_freeze_layer_norm: bool = True,
+        distill: Distill | None = None,
     ):
         super().__init__()
         model_cfg = to_open_clip(model_cfg)  # hparams hold open_clip's JSON dict (a plain dict also works)
         self.save_hyperparameters()
+        if isinstance(distill, dict):  # from a checkpoint's hyperparameters
+            distill = Distill(**distill)
+        if distill is not None:  # a plain dict in checkpoints, which load with weights_only
+            self.hparams.distill = asdict(distill)
         if loss == "siglip" and "init_logit_bias" not in model_cfg:
             raise ValueError("loss 'siglip' needs a learnable bias: set model_cfg.init_logit_bias (e.g. -10) "
                              "and model_cfg.init_logit_scale (e.g. 2.3026 = ln 10), as open_clip's SigLIP configs do")
         # GradCache runs several backward passes per step: Lightning's manual optimization.
         self.automatic_optimization = micro_batch_size is None
         self.model = factory.create_model(model_cfg, image_weights=image_weights)
+        self.distill, self.teacher, self.distill_proj = distill, None, None
+        if distill is not None:
+            self._setup_distill(distill, model_cfg, micro_batch_size)
+        self._frozen_norms: list[torch.nn.Module] = []  # BatchNorms whose statistics the lock froze
+        if lock_image:
+            self._frozen_norms = lock.lock_image(self.model, lock_image_unlocked_groups, lock_image_freeze_bn_stats)
+            self.train(self.training)
+        if lock_text:
+            lock.lock_text(self.model, lock_text_unlocked_layers, lock_text_freeze_layer_norm)
         if grad_checkpointing:
             self.model.set_grad_checkpointing(True)
         if channels_last:
@@ -87,14 +116,45 @@ class CLIPModule(pl.LightningModule):
             self.model.visual.compile()
             text_tower = self.model.text if hasattr(self.model, "text") else self.model.transformer
             text_tower.compile()
-        self.loss_fn = build_loss(loss)  # rebuilt with the real rank/world size in setup()
         self._val_features: list[tuple[torch.Tensor, torch.Tensor]] = []
         self._paused_broadcast = False  # DDP's buffer broadcast, off during validation
+
+    def _setup_distill(self, distill: Distill, model_cfg: dict, micro_batch_size: int | None) -> None:
+        if distill.clip_weight > 0 and self.hparams.loss != "clip":
+            raise UserError(f"model.distill.clip_weight (open_clip's DistillClipLoss) needs model.loss clip, not "
+                            f"{self.hparams.loss!r}: set model.distill.clip_weight 0 to distil embeddings only")
+        self.teacher = Teacher.load(distill)
+        self._teacher_tokenizes = teacher_tokenizer(distill, model_cfg) is not None
+        mean, std = (factory.preprocess_cfg(model_cfg)[k] for k in ("mean", "std"))
+        self._student_norm = (mean, std)
+        if distill.text_tower:
+            copy_text_tower(self.model, self.teacher)
+            lock.lock_text(self.model)
+        widths = (model_cfg["embed_dim"], self.teacher.embed_dim)
+        if distill.embed_weight and widths[0] != widths[1]:
+            if not distill.project:
+                raise UserError(f"the teacher's embedding width {widths[1]} differs from the student's {widths[0]}: "
+                                "set model.distill.project true (a learned projection) or model.model_cfg.embed_dim "
+                                f"{widths[1]}")
+            if micro_batch_size is not None:
+                raise UserError("model.distill.project learns inside the loss, which GradCache (model.micro_batch_size) "
+                                f"does not back-propagate: drop micro_batch_size or set model_cfg.embed_dim {widths[1]}")
+            # after the towers: a projection inside the loss, not part of the exported open_clip model
+            self.distill_proj = torch.nn.Linear(*widths, bias=False)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        # Eval mode keeps running statistics as loaded. Lightning keeps each submodule's mode across
+        # validation, and calls no train() at fit start: hence also at construction.
+        for norm in self._frozen_norms:
+            norm.eval()
+        return self
 
     def setup(self, stage: str) -> None:
         if not self.automatic_optimization:
             check_gradcache_strategy(self.trainer.strategy)
-        self.loss_fn = build_loss(self.hparams.loss, rank=self.global_rank, world_size=self.trainer.world_size)
+        self.loss_fn = build_loss(self.hparams.loss, rank=self.global_rank, world_size=self.trainer.world_size,
+                                  distill=self.distill is not None and self.distill.clip_weight > 0)
         # Forward FLOPs per image and caption, counted once (meta device): ThroughputMonitor's TFLOP/s and MFU.
         self.tower_costs = flops.model_costs(self.hparams.model_cfg)
 
@@ -108,17 +168,57 @@ class CLIPModule(pl.LightningModule):
     def _logit_bias(self):
         return getattr(self.model, "logit_bias", None)
 
+    def teacher_targets(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The teacher's unit image and text embeddings for ``batch``: read from it (stored targets) or
+        computed by the live teacher on the same images and the captions tokenized its way."""
+        if self.teacher is None or not (self.distill.clip_weight or self.distill.embed_weight):
+            return None  # no teacher, or LiT from its text tower only: nothing to run it for
+        if self.distill.stored_targets:
+            return batch["teacher_image_emb"].float(), batch["teacher_text_emb"].float()
+        if self._teacher_tokenizes and "teacher_text" not in batch:
+            raise ValueError("the teacher tokenizes captions differently from the student, and the batch has no "
+                             "'teacher_text': give the data module the same distill settings (data.distill)")
+        return self.teacher.encode(batch["image"], batch.get("teacher_text", batch["text"]), *self._student_norm)
+
+    def distill_loss(self, image_features, text_features, logit_scale, logit_bias, targets):
+        """Total loss and its named parts: contrastive (+ DistillClipLoss term) (+ embedding term)."""
+        if targets is None:
+            return self.loss_fn(image_features, text_features, logit_scale, logit_bias), {}
+        teacher_image, teacher_text = targets
+        parts = {}
+        if self.distill.clip_weight > 0:
+            contrastive, parts["distill_loss"] = self.loss_fn(
+                image_features, text_features, logit_scale, teacher_image, teacher_text,
+                self.teacher.logit_scale.to(image_features.device))
+            total = contrastive + self.distill.clip_weight * parts["distill_loss"]
+        else:
+            contrastive = total = self.loss_fn(image_features, text_features, logit_scale, logit_bias)
+        parts["contrastive_loss"] = contrastive
+        if self.distill.embed_weight:
+            student = image_features if self.distill_proj is None else self.distill_proj(image_features)
+            parts["embed_loss"] = embedding_loss(student, teacher_image, self.distill.embed_loss)
+            total = total + self.distill.embed_weight * parts["embed_loss"]
+        return total, parts
+
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         logit_scale = self.model.logit_scale.exp()
+        targets, parts = self.teacher_targets(batch), {}
+
+        def loss_fn(image_features, text_features, scale, bias):
+            total, named = self.distill_loss(image_features, text_features, scale, bias, targets)
+            parts.update(named)
+            return total
+
         if self.automatic_optimization:
             image_features, text_features = self.encode(batch["image"], batch["text"])
-            loss = self.loss_fn(image_features, text_features, logit_scale, self._logit_bias())
+            loss = loss_fn(image_features, text_features, logit_scale, self._logit_bias())
         else:
-            loss = self._gradcache_step(batch, logit_scale)
+            loss = self._gradcache_step(batch, logit_scale, loss_fn)
         # Mean over ranks of the local-loss rows = the loss of the global batch.
         self.log("train/loss", loss, prog_bar=True, sync_dist=True)
+        for name, value in parts.items():
+            self.log(f"train/{name}", value.detach(), sync_dist=True)
         self.log("train/logit_scale", logit_scale)
-        self.log("train/lr", self.optimizers().param_groups[0]["lr"])
         return loss
 
     def on_train_batch_start(self, batch, batch_idx) -> None:
@@ -129,10 +229,10 @@ class CLIPModule(pl.LightningModule):
             # gradients are averaged once by _all_reduce_gradients instead.
             ddp.require_backward_grad_sync = False
 
-    def _gradcache_step(self, batch: dict, logit_scale: torch.Tensor) -> torch.Tensor:
+    def _gradcache_step(self, batch: dict, logit_scale: torch.Tensor, loss_fn) -> torch.Tensor:
         optimizer, schedule = self.optimizers(), self.lr_schedulers()
         optimizer.zero_grad()
-        loss = gradcache_backward(self.encode, batch["image"], batch["text"], self.loss_fn, logit_scale,
+        loss = gradcache_backward(self.encode, batch["image"], batch["text"], loss_fn, logit_scale,
                                   self._logit_bias(), micro_batch_size=self.hparams.micro_batch_size,
                                   backward=self.manual_backward)
         self._all_reduce_gradients()
@@ -190,7 +290,7 @@ class CLIPModule(pl.LightningModule):
 
     def configure_optimizers(self):
         decay, no_decay = [], []
-        for name, param in self.model.named_parameters():
+        for name, param in self.named_parameters():  # the model and, when distilling, the projection
             if param.requires_grad:
                 (no_decay if _no_weight_decay(name, param) else decay).append(param)
         hp = self.hparams

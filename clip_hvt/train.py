@@ -52,6 +52,7 @@ class CLI(LightningCLI):
         # save_dir is it.
         parser.set_defaults({"checkpoint.save_last": True, "trainer.default_root_dir": "."})
         parser.link_arguments("trainer.default_root_dir", "trainer.logger.init_args.save_dir", apply_on="parse")
+        parser.link_arguments("model.distill", "data.distill", apply_on="parse")
         parser.add_argument("--ckpt_path", type=str | None, default=None,
                             help="checkpoint to resume from: a path, or 'last' for the run's last.ckpt")
         parser.add_argument("--export_dir", type=bool | str | None, default=None,

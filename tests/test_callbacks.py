@@ -280,5 +280,6 @@ def test_skip_monitor_resumes_counts_of_a_run_that_knew_fewer_reasons():
     monitor.load_state_dict({"skipped": [1, 2, 3, 4, 5, 6, 7, 8], "used": 100})  # the 8 reasons of older releases
     assert dict(zip(SKIP_REASONS, monitor.skipped.tolist())) == {
         "corrupt_shard": 1, "no_image": 2, "undecodable_image": 3, "image_too_large": 4, "no_caption": 5,
-        "empty_caption": 6, "caption_not_utf8": 7, "pickle_member": 8, "no_label": 0, "duplicate_member": 0}
-    assert monitor.state_dict() == {"skipped": [1, 2, 3, 4, 5, 6, 7, 8, 0, 0], "used": 100}
+        "empty_caption": 6, "caption_not_utf8": 7, "pickle_member": 8, "no_label": 0, "duplicate_member": 0,
+        "no_teacher_target": 0, "npy_needs_pickle": 0}
+    assert monitor.state_dict() == {"skipped": [1, 2, 3, 4, 5, 6, 7, 8, 0, 0, 0, 0], "used": 100}

@@ -17,6 +17,7 @@ import lightning.pytorch as pl
 import torch
 
 from .. import factory
+from ..distill import Distill, teacher_tokenizer
 from . import synthetic
 from .pipeline import eval_loader, normalize_uint8, split_normalize, train_loader
 from .sample import MAX_IMAGE_PIXELS
@@ -62,6 +63,8 @@ class WebDataModule(pl.LightningDataModule):
         max_image_pixels: larger images are skipped (decompression-bomb guard).
         aug_cfg: open_clip ``AugmentationCfg`` fields for the train transform.
         model_cfg: linked from ``model.model_cfg`` by the CLI (transforms and tokenizer).
+        distill: linked from ``model.distill`` by the CLI: stored teacher targets, or the captions also
+            tokenized the live teacher's way when its tokenizer differs.
     """
 
     def __init__(
@@ -81,6 +84,7 @@ class WebDataModule(pl.LightningDataModule):
         seed: int = 0,
         aug_cfg: dict | None = None,
         model_cfg: dict | None = None,
+        distill: Distill | None = None,
     ):
         super().__init__()
         if shapes is not None and train_shards is not None:
@@ -99,6 +103,7 @@ class WebDataModule(pl.LightningDataModule):
         self.seed = seed
         self.aug_cfg = aug_cfg
         self.model_cfg = model_cfg
+        self.distill = distill
         self.zeroshot_sets: list[str] = []  # the default sets of ZeroShotEvaluation (the CLI passes them)
         self.train_sources = self.val_urls = None
         # expanded once, here: a typo fails at start, not at the first batch
@@ -140,6 +145,7 @@ class WebDataModule(pl.LightningDataModule):
         self._train_pil = train_split[0] if self._normalize else self.train_transform
         self._val_pil = val_split[0] if self._normalize else self.val_transform
         self.tokenizer = factory.create_tokenizer(self.model_cfg)
+        self.teacher_tokenizer = teacher_tokenizer(self.distill, self.model_cfg)
         if self.train_sources is None:  # the shapes data, written by prepare_data
             train, val = self._shapes_specs
             self._expand(train, train=True)
@@ -170,7 +176,8 @@ class WebDataModule(pl.LightningDataModule):
             num_workers=self.num_workers, weights=self.source_weights, caption_keys=self.caption_keys,
             shuffle=self.sample_shuffle, seed=self.seed, rank=self.rank,
             step=self.trainer.global_step if self.trainer else 0, max_pixels=self.max_image_pixels,
-            min_side=self.min_side)
+            min_side=self.min_side, teacher_targets=bool(self.distill and self.distill.stored_targets),
+            teacher_tokenizer=self.teacher_tokenizer)
 
     def on_after_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
         if self._normalize is not None and batch["image"].dtype == torch.uint8:

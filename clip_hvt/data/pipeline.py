@@ -31,11 +31,12 @@ import random
 from functools import partial
 from typing import Callable, Iterator, Literal, Sequence
 
+import numpy as np
 import torch
 import torchvision.transforms as T
 import webdataset as wds
 
-from .sample import MAX_IMAGE_PIXELS, SkipCounter, SkipSample, captions, decode_sample, label, read_tar, where
+from .sample import MAX_IMAGE_PIXELS, SkipCounter, SkipSample, captions, decode_sample, label, npy, read_tar, where
 from .shards import WeightedResampledShards
 
 
@@ -71,18 +72,42 @@ def random_caption(sample: dict, rng: random.Random, keys: Sequence[str]) -> str
     return rng.choice(captions(sample, keys[sample.get("__source__", 0)]))
 
 
-def collate(items: list[tuple], tokenizer: Callable, counter: SkipCounter) -> dict:
-    """Training batch: images stacked, captions tokenized at once, skips since the last batch."""
-    images, texts = zip(*items)
-    return {"image": torch.stack(images), "text": tokenizer(list(texts)), "skipped": counter.take()}
+def caption_and_targets(sample: dict, rng: random.Random, keys: Sequence[str]) -> tuple:
+    """``random_caption``'s caption with the teacher's stored embeddings of the image and of that caption
+    (``teacher_image.npy`` [D], ``teacher_text.npy`` [captions, D]; see ``clip_hvt.data.teacher_features``)."""
+    texts = captions(sample, keys[sample.get("__source__", 0)])
+    image_emb, text_emb = npy(sample, "teacher_image.npy"), npy(sample, "teacher_text.npy")
+    text_emb = text_emb.reshape(-1, text_emb.shape[-1]) if text_emb.ndim else text_emb
+    if image_emb.ndim != 1 or text_emb.shape != (len(texts), image_emb.shape[0]):
+        raise SkipSample("no_teacher_target", f"shapes {image_emb.shape}, {text_emb.shape} for {len(texts)} caption(s)")
+    i = rng.randrange(len(texts))
+    return texts[i], image_emb, text_emb[i]
+
+
+def collate(items: list[tuple], tokenizer: Callable, counter: SkipCounter,
+            teacher_tokenizer: Callable | None = None) -> dict:
+    """Training batch: images stacked, captions tokenized at once, skips since the last batch; when
+    distilling, the captions also tokenized the teacher's way and the stored teacher targets."""
+    images, targets = zip(*items)
+    texts = [t[0] if isinstance(t, tuple) else t for t in targets]
+    batch = {"image": torch.stack(images), "text": tokenizer(texts), "skipped": counter.take()}
+    if teacher_tokenizer is not None:
+        batch["teacher_text"] = teacher_tokenizer(texts)
+    if isinstance(targets[0], tuple):
+        batch["teacher_image_emb"] = torch.from_numpy(np.stack([t[1] for t in targets]))
+        batch["teacher_text_emb"] = torch.from_numpy(np.stack([t[2] for t in targets]))
+    return batch
 
 
 def train_loader(sources: list[list[str]], transform: Callable, tokenizer: Callable, batch_size: int,
                  num_batches: int, *, num_workers: int = 4, weights: Sequence[float] | None = None,
                  caption_keys: Sequence[str] = ("txt",), shuffle: int = 2000, seed: int = 0, rank: int = 0,
-                 step: int = 0, max_pixels: int = MAX_IMAGE_PIXELS, min_side: int = 0) -> wds.WebLoader:
+                 step: int = 0, max_pixels: int = MAX_IMAGE_PIXELS, min_side: int = 0,
+                 teacher_targets: bool = False, teacher_tokenizer: Callable | None = None) -> wds.WebLoader:
     """Endless resampled training batches; see the module docstring. ``step`` (the global step at
-    (re)start) joins the seeds, so a resumed run does not replay the order of the run it resumes."""
+    (re)start) joins the seeds, so a resumed run does not replay the order of the run it resumes.
+    ``teacher_targets``: batches also carry the stored ``teacher_image_emb`` / ``teacher_text_emb``;
+    ``teacher_tokenizer``: and ``teacher_text``, the captions tokenized the teacher's way."""
     counter = SkipCounter()
     workers = max(1, num_workers)
     per_worker = math.ceil(num_batches / workers)  # with_epoch counts per worker: same total on every rank
@@ -91,9 +116,11 @@ def train_loader(sources: list[list[str]], transform: Callable, tokenizer: Calla
         WeightedResampledShards(sources, weights, seed=seed, rank=rank, stream_offset=step),
         partial(read_shards, counter=counter),
         wds.shuffle(shuffle, initial=min(shuffle, 500), seed=stream_seed),  # else seeded from pid and time
-        partial(decode, transform=transform, target=partial(random_caption, keys=list(caption_keys)),
-                counter=counter, max_pixels=max_pixels, min_side=min_side, seed=stream_seed),
-        wds.batched(batch_size, partial=False, collation_fn=partial(collate, tokenizer=tokenizer, counter=counter)),
+        partial(decode, transform=transform, counter=counter, max_pixels=max_pixels, min_side=min_side,
+                target=partial(caption_and_targets if teacher_targets else random_caption, keys=list(caption_keys)),
+                seed=stream_seed),
+        wds.batched(batch_size, partial=False, collation_fn=partial(collate, tokenizer=tokenizer, counter=counter,
+                                                                    teacher_tokenizer=teacher_tokenizer)),
     ).with_epoch(per_worker)
     loader = wds.WebLoader(pipeline, batch_size=None, num_workers=num_workers, persistent_workers=num_workers > 0)
     return loader.with_length(per_worker * workers)

@@ -28,6 +28,7 @@ import tarfile
 import warnings
 from typing import Iterator
 
+import numpy as np
 import torch
 from PIL import Image
 from webdataset.tariterators import base_plus_ext
@@ -47,6 +48,9 @@ SKIP_REASONS = {  # new reasons go at the end: checkpoints of SkipMonitor store 
     "pickle_member": "a member with a pickle-like suffix: never unpickled, the sample is dropped",
     "no_label": "a classification sample whose cls is missing, not an integer or not a class index",
     "duplicate_member": "two members with one key and extension in a row: which one is meant is unknown",
+    "no_teacher_target": "distilling from stored targets, the sample lacks teacher_image.npy/teacher_text.npy "
+                         "or they do not fit its captions (python -m clip_hvt.data.teacher_features writes them)",
+    "npy_needs_pickle": "an .npy member holds Python objects (loading it needs pickle): refused, never unpickled",
 }
 MAX_IMAGE_PIXELS = 64_000_000  # images with more pixels are skipped; 8k x 8k, far above any training size
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
@@ -202,6 +206,21 @@ def captions(sample: dict, key: str = "txt") -> list[str]:
     if not kept:
         raise SkipSample("empty_caption")
     return kept
+
+
+def npy(sample: dict, ext: str) -> np.ndarray:
+    """An ``.npy`` member loaded with ``allow_pickle=False``: ``no_teacher_target`` when missing or
+    unreadable, ``npy_needs_pickle`` when it holds Python objects."""
+    if ext not in sample:
+        raise SkipSample("no_teacher_target", f"no {ext} member")
+    try:
+        return np.load(io.BytesIO(sample[ext]), allow_pickle=False)
+    except ValueError as exn:
+        if "allow_pickle" in str(exn):  # numpy's refusal of an object array
+            raise SkipSample("npy_needs_pickle", ext) from None
+        raise SkipSample("no_teacher_target", f"{ext}: {exn}") from None
+    except OSError as exn:  # not an .npy at all
+        raise SkipSample("no_teacher_target", f"{ext}: {exn}") from None
 
 
 def label(sample: dict, num_classes: int | None = None) -> int:

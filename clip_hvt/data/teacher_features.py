@@ -1,0 +1,123 @@
+"""Stored teacher targets: copy shards adding each sample's teacher embeddings, so that distillation
+reads targets instead of running the teacher (MobileCLIP's reinforced data, without augmentations).
+
+``python -m clip_hvt.data.teacher_features --shards 'in/shard-{000000..000009}.tar' --out out/
+--teacher runs/quickstart/export`` writes ``out/shard-000000.tar ...`` (same names, same members) with
+two more members per sample: ``teacher_image.npy`` (the teacher's unit image embedding, shape ``[D]``)
+and ``teacher_text.npy`` (one unit embedding per caption, ``[n, D]``, in the order
+``sample.captions`` returns them), float16, plain ``.npy`` (read with ``allow_pickle=False``), and
+``sizes.json``. The teacher sees each image through its own evaluation preprocessing. Samples the
+training reader would skip are left out and counted by reason; train with
+``model.distill.stored_targets true`` and the same ``caption_key``.
+"""
+from __future__ import annotations
+
+import io
+import json
+import sys
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import open_clip
+import torch
+import webdataset as wds
+
+from ..cli import UserError, run
+from ..distill import Distill, Teacher
+from .sample import SkipSample, captions, decode_sample, read_tar, where
+from .shards import expand_sources
+
+TARGET_MEMBERS = ("teacher_image.npy", "teacher_text.npy")
+
+
+def npy_bytes(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, np.ascontiguousarray(array, dtype=np.float16), allow_pickle=False)
+    return buffer.getvalue()
+
+
+@torch.no_grad()
+def _embed(teacher: Teacher, preprocess, batch: list, device: torch.device) -> list[dict]:
+    model = teacher.model
+    images = torch.stack([preprocess(img) for _, img, _ in batch]).to(device)
+    image_f = model.encode_image(images, normalize=True).float().cpu().numpy()
+    texts = [caps for _, _, caps in batch]
+    text_f = model.encode_text(teacher.tokenizer([c for caps in texts for c in caps]).to(device),
+                               normalize=True).float().cpu().numpy()
+    out, start = [], 0
+    for (sample, _, caps), image in zip(batch, image_f):
+        raw = {k: v for k, v in sample.items() if not k.startswith("__")}
+        raw["teacher_image.npy"] = npy_bytes(image)
+        raw["teacher_text.npy"] = npy_bytes(text_f[start:start + len(caps)])
+        start += len(caps)
+        out.append({"__key__": sample["__key__"], **raw})
+    return out
+
+
+def add_teacher_features(shards: str, out: str, teacher: str, weights: str | None = None,
+                         caption_key: str = "txt", batch_size: int = 64, device: str = "cpu") -> dict:
+    """Copy shards adding the teacher's image and caption embeddings per sample (float16 ``.npy``).
+
+    Args:
+        shards: input shards (webdataset spec: braces, globs; one source).
+        out: output directory; shards keep their file names; ``sizes.json`` is written.
+        teacher: an open_clip export directory, or an open_clip model name with ``weights``.
+        weights: local weights file of a teacher given by model name.
+        caption_key: ``txt`` or ``json.<field>``, as the training run's ``data.caption_key``.
+        batch_size: samples embedded at a time.
+        device: where the teacher runs (``cpu``, ``cuda``).
+    """
+    try:
+        urls = [u for source in expand_sources(shards) for u in source]
+    except (FileNotFoundError, ValueError) as err:
+        raise UserError(str(err)) from None
+    out_dir = Path(out)
+    if out_dir.resolve() in {Path(u).resolve().parent for u in urls}:
+        raise UserError(f"--out {out} is the input directory: give a new directory (shards keep their names)")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model = Teacher.load(Distill(teacher=teacher, weights=weights, precision="32"))
+    model.model.to(device)
+    # open_clip's evaluation transform for the teacher's preprocess config, as create_model_and_transforms
+    preprocess = open_clip.transform.image_transform_v2(
+        open_clip.transform.PreprocessCfg(**model.model.visual.preprocess_cfg), is_train=False)
+    skipped, sizes = Counter(), {}
+    for url in urls:
+        written, batch = 0, []
+        with wds.TarWriter(str(out_dir / Path(url).name)) as sink:
+            def flush():
+                nonlocal written
+                for sample in _embed(model, preprocess, batch, torch.device(device)):
+                    sink.write(sample)
+                    written += 1
+                batch.clear()
+            try:
+                for sample in read_tar(url):
+                    try:
+                        img, caps = decode_sample(sample, lambda s: captions(s, caption_key))
+                    except SkipSample as skip:
+                        skipped[skip.reason] += 1
+                        print(f"skipped {where(sample)}: {skip}", file=sys.stderr)
+                        continue
+                    batch.append((sample, img, caps))
+                    if len(batch) == batch_size:
+                        flush()
+            except SkipSample as skip:  # a broken shard: what was read before the break is kept
+                skipped[skip.reason] += 1
+                print(f"skipped {skip}", file=sys.stderr)
+            if batch:
+                flush()
+        sizes[Path(url).name] = written
+    (out_dir / "sizes.json").write_text(json.dumps(sizes, indent=1))
+    total = sum(sizes.values())
+    print(f"wrote {total} samples with teacher targets to {out_dir} ({len(sizes)} shards); skipped "
+          + (", ".join(f"{k}={n}" for k, n in sorted(skipped.items())) or "none"))
+    return {"written": total, "skipped": dict(skipped)}
+
+
+def main(args: list[str] | None = None) -> dict:
+    return run(add_teacher_features, args, prog="python -m clip_hvt.data.teacher_features")
+
+
+if __name__ == "__main__":
+    main()
