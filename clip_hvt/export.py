@@ -17,7 +17,6 @@ from safetensors.torch import save
 
 from . import cli, factory
 from .config import to_open_clip
-from .models.pvt_v2_cl import reference_name
 
 CONFIG_NAME = "open_clip_config.json"
 WEIGHTS_NAME = "open_clip_model.safetensors"
@@ -28,9 +27,6 @@ def export_state_dict(state: dict[str, torch.Tensor], model_cfg, out_dir: str | 
     model_cfg = to_open_clip(model_cfg)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    vision = model_cfg.get("vision_cfg", {})
-    if "timm_model_name" in vision:  # a faster variant is saved as the timm model it equals: plain timm loads it
-        model_cfg = {**model_cfg, "vision_cfg": {**vision, "timm_model_name": reference_name(vision["timm_model_name"])}}
     config = {"model_cfg": model_cfg, "preprocess_cfg": factory.preprocess_cfg(model_cfg)}
     state = {k: v.detach().cpu().contiguous() for k, v in state.items()}
     # safetensors' save_file creates its file mode 0600 whatever the umask; write_bytes honours it.

@@ -2,4 +2,4 @@
 
 ``cvt`` is imported before ``multiscale`` so multiscale variants of CvT can be registered.
 """
-from . import cvt, multiscale, pvt_v2_cl  # noqa: F401
+from . import cvt, multiscale  # noqa: F401
