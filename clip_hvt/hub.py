@@ -1,6 +1,7 @@
-"""Encoders that leave the project: the image trunk alone as a timm checkpoint; CLIP_benchmark with our encoders.
+"""Encoders that leave the project: the image trunk as a timm checkpoint, a Hugging Face hub folder with a model
+card, CLIP_benchmark with our encoders.
 
-``python -m clip_hvt.hub --src SRC --out DIR`` (SRC: an open_clip export dir written by
+``python -m clip_hvt.hub timm --src SRC --out DIR`` (or ``clip-hvt-export-timm``; SRC: an open_clip export dir written by
 ``clip_hvt.export``, or a ``.ckpt`` written by ``clip_hvt.train``) writes timm's own export layout through
 ``timm.models.save_for_hf``: ``model.safetensors`` and ``config.json`` (``architecture``, ``model_args``,
 ``pretrained_cfg``). After ``import clip_hvt`` (our encoders are registered by it), either of
@@ -9,18 +10,23 @@
     timm.create_model(ARCH, pretrained=True, pretrained_cfg_overlay=dict(file='DIR/model.safetensors'), **MODEL_ARGS)
 
 rebuilds the trunk with identical features, also with ``features_only=True`` for detection/segmentation heads.
+
+``python -m clip_hvt.hub folder --run RUN_DIR --out DIR [--push_to ORG/NAME]`` writes the open_clip export of the run's
+checkpoint and a model card (``README.md``) into DIR, the layout ``open_clip.create_model_and_transforms('hf-hub:ORG/NAME')``
+reads, and pushes it through open_clip's ``push_to_hf_hub`` when asked.
 """
 from __future__ import annotations
 
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 import open_clip
 import timm
 import torch
 
-from . import export
+from . import export, report
 from .cli import UserError, run
 
 
@@ -77,9 +83,124 @@ def clip_benchmark_main() -> None:
     main()
 
 
-def main(args: list[str] | None = None) -> Path:
-    return run(export_timm, args, prog="clip-hvt-export-timm")
+# ---- the hub folder and its model card -------------------------------------------------------------
 
+def _data_spec(data: dict) -> str:
+    if data.get("train_shards"):
+        weights = f" (source weights {data['source_weights']})" if data.get("source_weights") else ""
+        return f"`{data['train_shards']}`{weights}, captions from `{data.get('caption_key', 'txt')}`"
+    if data.get("shapes") is not None:
+        return f"the embedded shapes data set (`clip_hvt.data.synthetic`, {json.dumps(data['shapes'])})"
+    return "not recorded in the run's config"
+
+
+def _number(value: Any) -> str:
+    return "" if value is None else f"{value:.4f}" if isinstance(value, float) else str(value)
+
+
+def eval_table(evals: list[dict]) -> str:
+    """A markdown table of CLIP_benchmark-style results: one row per (dataset, task), one column per metric."""
+    metrics = list(dict.fromkeys(k for e in evals for k, v in e["metrics"].items() if isinstance(v, (int, float))))
+    lines = ["| dataset | task | samples | " + " | ".join(metrics) + " |", "|" + "---|" * (3 + len(metrics))]
+    for e in evals:
+        cells = [e["dataset"], e["task"], _number(e.get("samples"))] + [_number(e["metrics"].get(m)) for m in metrics]
+        lines.append("| " + " | ".join(str(c) for c in cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def model_card(run_dir: Path, repo: str, evals: list[dict]) -> dict:
+    """open_clip's ``model_card`` dict (``push_to_hf_hub``'s, rendered by its ``generate_readme``) of a run:
+    architecture, params and GFLOPs (``clip_hvt.flops``), data, steps and samples seen (``clip_hvt.report``'s
+    readers), and the evaluation table of ``evals``."""
+    cfg = report.find_config(run_dir)
+    row, _ = report.summarize_run(run_dir)
+    model_cfg, data = cfg["model"]["model_cfg"], cfg.get("data") or {}
+    vision, text = model_cfg.get("vision_cfg") or {}, model_cfg.get("text_cfg") or {}
+    ours = row["image_tower"].startswith("cvt_") or row["image_tower"].endswith("_ms")
+    details = {
+        "Architecture": f"CLIP ({row['family']}): image tower {row['image_tower']} (pool {vision.get('timm_pool')}, "
+                        f"projection {vision.get('timm_proj')}), text transformer width {text.get('width')}, "
+                        f"{text.get('layers')} layers, context {text.get('context_length')}; "
+                        f"embedding width {model_cfg.get('embed_dim')}",
+        "Image size": row["image_size"],
+        "Params (M)": {"image tower": f"{row['image_params_M']:.2f}", "text tower": f"{row['text_params_M']:.2f}"},
+        "GFLOPs (forward, clip_hvt.flops)": {"per image": f"{row['image_gflops']:.4g}",
+                                              "per caption": f"{row['text_gflops']:.4g}"},
+        "Training data": _data_spec(data),
+        "Global batch size": int(data.get("batch_size") or 0) * report.world_size(cfg.get("trainer") or {}),
+        "Steps": row["steps"] if row["steps"] is not None else "not logged",
+        "Samples seen": row["samples_seen"] if row["samples_seen"] is not None else "not logged",
+    }
+    usage = ("```python\nimport open_clip\n" + ("import clip_hvt  # registers the image tower in timm (pip install clip_hvt)\n" if ours else "")
+             + f"model, _, preprocess = open_clip.create_model_and_transforms('hf-hub:{repo}')\n"
+             f"tokenizer = open_clip.get_tokenizer('hf-hub:{repo}')\n```\n")
+    card = {"tags": ["clip", "clip_hvt", "timm"], "license": "apache-2.0",
+            "description": f"A CLIP model trained with clip_hvt (run `{run_dir.name}`), in open_clip's format.",
+            "details": details, "usage": usage}
+    if evals:
+        card["comparison"] = ("Zero-shot evaluation (`clip_hvt.eval`, CLIP_benchmark's metrics):\n\n" + eval_table(evals))
+    return card
+
+
+def folder(run: str, out: str, ckpt: str | None = None, evals: list[str] | None = None, push_to: str | None = None,
+           private: bool = False, ema: bool | None = None) -> Path:
+    """Write a run's model as an open_clip hub folder (export + model card README.md); optionally push it.
+
+    Args:
+        run: the run directory (trainer.default_root_dir: config.yaml, checkpoints/, logs).
+        out: output directory (open_clip_config.json, open_clip_model.safetensors, README.md).
+        ckpt: checkpoint to publish; default RUN/checkpoints/last.ckpt.
+        evals: more directories of evaluation JSONs (clip_hvt.eval --out) besides those under the run.
+        push_to: Hugging Face repo (ORG/NAME) to push to through open_clip's push_to_hf_hub (needs a token and network).
+        private: create the pushed repo private.
+        ema: as clip_hvt.export's --ema.
+    """
+    run_dir = Path(run)
+    if not run_dir.is_dir():
+        raise UserError(f"run directory '{run_dir}' does not exist; give a training run's trainer.default_root_dir")
+    if push_to:  # before any work: pushing needs a token and the network
+        import huggingface_hub
+
+        if huggingface_hub.constants.HF_HUB_OFFLINE:
+            raise UserError(f"--push_to {push_to}: the Hugging Face hub is offline (HF_HUB_OFFLINE is set); unset it")
+        if huggingface_hub.get_token() is None:
+            raise UserError(f"--push_to {push_to}: no Hugging Face token; run `hf auth login` or set HF_TOKEN")
+    try:
+        report.find_config(run_dir)
+    except ValueError as err:
+        raise UserError(f"'{run_dir}' has {err}; give the run directory clip_hvt.train wrote") from None
+    found = report.read_eval_jsons(run_dir)
+    for directory in evals or []:
+        if not Path(directory).is_dir():
+            raise UserError(f"evaluation directory '{directory}' does not exist; give clip_hvt.eval's --out")
+        found += report.read_eval_jsons(Path(directory))
+    model, model_cfg = export.model_from_checkpoint(ckpt or run_dir / "checkpoints" / "last.ckpt", ema=ema)
+    name = Path(out).resolve().name
+    card = model_card(run_dir, push_to or f"ORG/{name}", found)
+    path = export.export_model(model, model_cfg, out)
+    from open_clip.push_to_hf_hub import generate_readme
+
+    (path / "README.md").write_text(generate_readme(dict(card), push_to.split("/")[-1] if push_to else name))
+    print(f"hub folder in {path} ({len(found)} evaluation results in its card)")
+    if push_to:
+        from . import factory
+        from .config import to_open_clip
+
+        model_cfg = to_open_clip(model_cfg)
+        open_clip.push_to_hf_hub(model, factory.create_tokenizer(model_cfg), model_cfg, push_to, private=private,
+                                 model_card=card, safe_serialization=True)
+        print(f"pushed to https://huggingface.co/{push_to}: open_clip.create_model_and_transforms('hf-hub:{push_to}')")
+    return path
+
+
+COMMANDS = {"timm": export_timm, "folder": folder}
+
+
+def main(args: list[str] | None = None) -> Any:
+    """``python -m clip_hvt.hub {timm,folder} ...``; without a command, ``timm`` (``clip-hvt-export-timm``)."""
+    args = list(sys.argv[1:] if args is None else args)
+    command = args.pop(0) if args and args[0] in COMMANDS else "timm"
+    return run(COMMANDS[command], args, prog="clip-hvt-export-timm" if command == "timm" else "python -m clip_hvt.hub folder")
 
 if __name__ == "__main__":
     main()

@@ -156,7 +156,7 @@ def _last(rows: list[dict[str, float]], key: str) -> float | None:
     return values[-1] if values else None
 
 
-def _world_size(trainer: dict) -> int:
+def world_size(trainer: dict) -> int:
     devices, nodes = trainer.get("devices", 1), trainer.get("num_nodes", 1)
     return (devices if isinstance(devices, int) and devices > 0 else 1) * (nodes if isinstance(nodes, int) else 1)
 
@@ -177,7 +177,7 @@ def summarize_run(run_dir: Path) -> tuple[dict[str, Any], list[tuple[float, floa
     vision = model_cfg.get("vision_cfg") or {}
     costs = flops.model_costs(model_cfg)
     rows, source = read_metrics(run_dir)
-    world = _world_size(cfg.get("trainer") or {})
+    world = world_size(cfg.get("trainer") or {})
     global_batch = int((cfg.get("data") or {}).get("batch_size") or 0) * world
     steps = max((r["step"] for r in rows if "step" in r), default=None)
     device_rate = throughput(rows)

@@ -115,3 +115,128 @@ def test_clip_hvt_benchmark_runs_clip_benchmark_on_an_export_with_our_trunk(tmp_
     # 6 images and 6 captions: every match is within the top 10, and recall@1 is a fraction of 6
     assert result['metrics']['image_retrieval_recall@10'] == result['metrics']['text_retrieval_recall@10'] == 1.0
     assert result['metrics']['image_retrieval_recall@1'] * 6 == pytest.approx(round(result['metrics']['image_retrieval_recall@1'] * 6))
+
+
+# ---- the hub folder: open_clip export + model card, loadable through `hf-hub:` ------------------------
+
+from conftest import TINY_MODEL_CFG  # noqa: E402
+
+EVALS = [
+    {'dataset': 'shapes_zeroshot', 'model': 'x', 'pretrained': '', 'task': 'zeroshot_classification',
+     'metrics': {'acc1': 0.28125, 'acc5': 0.71875, 'mean_per_class_recall': 0.2734}, 'samples': 96, 'skipped': {}},
+    {'dataset': 'shapes_val', 'model': 'x', 'pretrained': '', 'task': 'zeroshot_retrieval',
+     'metrics': {'image_retrieval_recall@1': 0.0625, 'text_retrieval_recall@1': 0.09375,
+                 'image_retrieval_recall@5': 0.3125, 'text_retrieval_recall@5': 0.34375}, 'samples': 32, 'skipped': {}},
+]
+
+
+def _run_dir(tmp_path, evals_in_run=True):
+    """A run directory as clip_hvt.train leaves it: config.yaml, checkpoints/last.ckpt, metrics.csv, eval JSONs."""
+    import yaml
+    torch.manual_seed(0)
+    model = open_clip.CLIP(**TINY_MODEL_CFG)
+    run = tmp_path / 'run'
+    (run / 'checkpoints').mkdir(parents=True)
+    config = {'model': {'model_cfg': TINY_MODEL_CFG}, 'trainer': {'devices': 2, 'num_nodes': 1, 'max_steps': 30},
+              'data': {'train_shards': '/data/cc3m/{00000..00331}.tar', 'batch_size': 8}}
+    (run / 'config.yaml').write_text(yaml.safe_dump(config))
+    torch.save({'hyper_parameters': {'model_cfg': TINY_MODEL_CFG}, 'global_step': 30,
+                'state_dict': {f'model.{k}': v for k, v in model.state_dict().items()}}, run / 'checkpoints' / 'last.ckpt')
+    (run / 'logs').mkdir()
+    (run / 'logs' / 'metrics.csv').write_text('step,train/loss\n9,2.0\n19,1.5\n29,1.2\n')
+    eval_dir = run / 'eval' if evals_in_run else tmp_path / 'eval'
+    eval_dir.mkdir()
+    for e in EVALS:
+        (eval_dir / f"{e['dataset']}.json").write_text(json.dumps(e))
+    return model, run, eval_dir
+
+
+def _card_row(card_text, dataset):
+    return next(line for line in card_text.splitlines() if line.startswith(f'| {dataset} |'))
+
+
+def test_hub_folder_loads_through_hf_hub_from_an_offline_cache(tmp_path, monkeypatch):
+    import huggingface_hub
+    model, run, _ = _run_dir(tmp_path)
+    out = hub.folder(str(run), str(tmp_path / 'folder'))
+    assert sorted(p.name for p in out.iterdir()) == ['README.md', export.CONFIG_NAME, export.WEIGHTS_NAME]
+    # the Hugging Face cache layout hf_hub_download reads offline: refs/main -> snapshots/<rev>/<files>
+    cache, rev = tmp_path / 'hf' / 'hub', 'a1' * 20
+    snapshot = cache / 'models--someone--tiny-clip' / 'snapshots' / rev
+    snapshot.mkdir(parents=True)
+    for f in out.iterdir():
+        (snapshot / f.name).write_bytes(f.read_bytes())
+    (cache / 'models--someone--tiny-clip' / 'refs').mkdir()
+    (cache / 'models--someone--tiny-clip' / 'refs' / 'main').write_text(rev)
+    monkeypatch.setenv('HF_HOME', str(tmp_path / 'hf'))
+    monkeypatch.setattr(huggingface_hub.constants, 'HF_HUB_CACHE', str(cache))
+    monkeypatch.setattr(huggingface_hub.constants, 'HF_HUB_OFFLINE', True)
+    loaded, _, preprocess = open_clip.create_model_and_transforms('hf-hub:someone/tiny-clip')
+    tokenizer = open_clip.get_tokenizer('hf-hub:someone/tiny-clip')
+    image = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    text = tokenizer(['a red circle', 'a blue square'])
+    model.eval(), loaded.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.encode_image(image), model.encode_image(image), rtol=0, atol=0)
+        torch.testing.assert_close(loaded.encode_text(text), model.encode_text(text), rtol=0, atol=0)
+    assert preprocess.transforms[0].size in (32, [32], (32, 32))
+
+
+def test_hub_card_holds_costs_training_and_the_eval_numbers(tmp_path):
+    from clip_hvt import flops
+    _, run, eval_dir = _run_dir(tmp_path, evals_in_run=False)
+    without = (hub.folder(str(run), str(tmp_path / 'bare')) / 'README.md').read_text()
+    assert 'Model Comparison' not in without  # no eval JSON under the run: no table
+    card = (hub.folder(str(run), str(tmp_path / 'folder'), evals=[str(eval_dir)]) / 'README.md').read_text()
+    costs = flops.model_costs(TINY_MODEL_CFG)
+    assert f"per image: {costs['image_flops'] / 1e9:.4g}" in card
+    assert f"per caption: {costs['text_flops'] / 1e9:.4g}" in card
+    assert f"image tower: {costs['image_params'] / 1e6:.2f}" in card
+    assert '`/data/cc3m/{00000..00331}.tar`' in card
+    assert '**Global batch size:** 16' in card  # 8 per device x 2 devices
+    assert '**Steps:** 29' in card and f'**Samples seen:** {29 * 16}' in card  # the last logged step (report's reader)
+    header = next(line for line in card.splitlines() if line.startswith('| dataset |'))
+    columns = [c.strip() for c in header.strip('|').split('|')]
+    for e in EVALS:
+        cells = [c.strip() for c in _card_row(card, e['dataset']).strip('|').split('|')]
+        assert cells[1] == e['task'] and cells[2] == str(e['samples'])
+        for metric, value in e['metrics'].items():
+            assert float(cells[columns.index(metric)]) == pytest.approx(value, abs=5e-5)
+
+
+def test_hub_push_without_token_fails_before_any_work(tmp_path, monkeypatch):
+    import huggingface_hub
+    _, run, _ = _run_dir(tmp_path)
+    with pytest.raises(UserError, match=r'--push_to me/clip: the Hugging Face hub is offline \(HF_HUB_OFFLINE'):
+        hub.folder(str(run), str(tmp_path / 'folder'), push_to='me/clip')
+    monkeypatch.setattr(huggingface_hub.constants, 'HF_HUB_OFFLINE', False)
+    monkeypatch.setattr(huggingface_hub, 'get_token', lambda: None)
+    monkeypatch.setattr(open_clip, 'push_to_hf_hub', lambda *a, **k: pytest.fail('reached the hub without a token'))
+    with pytest.raises(SystemExit, match=r'^python -m clip_hvt.hub folder: error: --push_to me/clip: no Hugging Face '
+                                         r'token; run `hf auth login` or set HF_TOKEN$'):
+        hub.main(['folder', '--run', str(run), '--out', str(tmp_path / 'folder'), '--push_to', 'me/clip'])
+    assert not (tmp_path / 'folder').exists()
+
+
+def test_hub_push_goes_through_open_clip_push_to_hf_hub(tmp_path, monkeypatch):
+    import huggingface_hub
+    from open_clip.push_to_hf_hub import generate_readme
+    from safetensors.torch import load_file
+    _, run, _ = _run_dir(tmp_path)
+    calls = []
+    monkeypatch.setattr(huggingface_hub.constants, 'HF_HUB_OFFLINE', False)
+    monkeypatch.setattr(huggingface_hub, 'get_token', lambda: 'hf_test')
+    monkeypatch.setattr(open_clip, 'push_to_hf_hub', lambda *a, **k: calls.append((a, k)))
+    out = hub.folder(str(run), str(tmp_path / 'folder'), push_to='me/clip', private=True)
+    (model, tokenizer, model_cfg, repo), kwargs = calls[0]
+    assert len(calls) == 1 and repo == 'me/clip' and kwargs['private'] is True and kwargs['safe_serialization'] is True
+    assert model_cfg == json.loads((out / export.CONFIG_NAME).read_text())['model_cfg']
+    saved = load_file(out / export.WEIGHTS_NAME)
+    assert model.state_dict().keys() == saved.keys()
+    for key, value in model.state_dict().items():
+        torch.testing.assert_close(value, saved[key], rtol=0, atol=0)
+    assert tokenizer(['a red circle']).shape == (1, TINY_MODEL_CFG['text_cfg']['context_length'])
+    # the card open_clip writes on the hub is the local README.md, the eval numbers included
+    card = (out / 'README.md').read_text()
+    assert generate_readme(dict(kwargs['model_card']), 'clip') == card
+    assert "hf-hub:me/clip" in card and '| 0.2812 | 0.7188 |' in _card_row(card, 'shapes_zeroshot')
