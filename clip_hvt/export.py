@@ -82,7 +82,11 @@ def model_from_checkpoint(ckpt_path: str | Path, ema: bool | None = None) -> tup
     weights as ``current_model_state``; True takes the average (an error without one), False the
     trained weights, None ``state_dict`` (the average when there is one).
     """
-    ckpt = load_checkpoint(ckpt_path)
+    return model_from_loaded(load_checkpoint(ckpt_path), ema, ckpt_path)
+
+
+def model_from_loaded(ckpt: dict, ema: bool | None, ckpt_path: str | Path) -> tuple[torch.nn.Module, dict]:
+    """:func:`model_from_checkpoint` of a checkpoint :func:`load_checkpoint` read (``ckpt_path`` names it in errors)."""
     model_cfg = ckpt["hyper_parameters"]["model_cfg"]
     model = factory.create_model(model_cfg)
     averaged = "current_model_state" in ckpt

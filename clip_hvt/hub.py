@@ -108,13 +108,16 @@ def eval_table(evals: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def model_card(run_dir: Path, repo: str, evals: list[dict]) -> dict:
+def model_card(run_dir: Path, repo: str, evals: list[dict], steps: int | None = None) -> dict:
     """open_clip's ``model_card`` dict (``push_to_hf_hub``'s, rendered by its ``generate_readme``) of a run:
-    architecture, params and GFLOPs (``clip_hvt.flops``), data, steps and samples seen (``clip_hvt.report``'s
-    readers), and the evaluation table of ``evals``."""
+    architecture, params and GFLOPs (``clip_hvt.flops``), data (the saved config), and the evaluation table of
+    ``evals``. ``steps``: the published checkpoint's ``global_step``; without it, the last logged step
+    (``clip_hvt.report``'s reader). Samples seen: steps x global batch."""
     cfg = report.find_config(run_dir)
     row, _ = report.summarize_run(run_dir)
     model_cfg, data = cfg["model"]["model_cfg"], cfg.get("data") or {}
+    global_batch = int(data.get("batch_size") or 0) * report.world_size(cfg.get("trainer") or {})
+    steps = row["steps"] if steps is None else steps
     vision, text = model_cfg.get("vision_cfg") or {}, model_cfg.get("text_cfg") or {}
     ours = row["image_tower"].startswith("cvt_") or row["image_tower"].endswith("_ms")
     details = {
@@ -127,9 +130,9 @@ def model_card(run_dir: Path, repo: str, evals: list[dict]) -> dict:
         "GFLOPs (forward, clip_hvt.flops)": {"per image": f"{row['image_gflops']:.4g}",
                                               "per caption": f"{row['text_gflops']:.4g}"},
         "Training data": _data_spec(data),
-        "Global batch size": int(data.get("batch_size") or 0) * report.world_size(cfg.get("trainer") or {}),
-        "Steps": row["steps"] if row["steps"] is not None else "not logged",
-        "Samples seen": row["samples_seen"] if row["samples_seen"] is not None else "not logged",
+        "Global batch size": global_batch,
+        "Steps": steps if steps is not None else "not logged",
+        "Samples seen": steps * global_batch if steps is not None and global_batch else "not logged",
     }
     usage = ("```python\nimport open_clip\n" + ("import clip_hvt  # registers the image tower in timm (pip install clip_hvt)\n" if ours else "")
              + f"model, _, preprocess = open_clip.create_model_and_transforms('hf-hub:{repo}')\n"
@@ -174,9 +177,11 @@ def folder(run: str, out: str, ckpt: str | None = None, evals: list[str] | None 
         if not Path(directory).is_dir():
             raise UserError(f"evaluation directory '{directory}' does not exist; give clip_hvt.eval's --out")
         found += report.read_eval_jsons(Path(directory))
-    model, model_cfg = export.model_from_checkpoint(ckpt or run_dir / "checkpoints" / "last.ckpt", ema=ema)
+    ckpt = ckpt or run_dir / "checkpoints" / "last.ckpt"
+    loaded = export.load_checkpoint(ckpt)
+    model, model_cfg = export.model_from_loaded(loaded, ema, ckpt)
     name = Path(out).resolve().name
-    card = model_card(run_dir, push_to or f"ORG/{name}", found)
+    card = model_card(run_dir, push_to or f"ORG/{name}", found, loaded.get("global_step"))
     path = export.export_model(model, model_cfg, out)
     from open_clip.push_to_hf_hub import generate_readme
 

@@ -185,8 +185,12 @@ def test_hub_folder_loads_through_hf_hub_from_an_offline_cache(tmp_path, monkeyp
 def test_hub_card_holds_costs_training_and_the_eval_numbers(tmp_path):
     from clip_hvt import flops
     _, run, eval_dir = _run_dir(tmp_path, evals_in_run=False)
-    without = (hub.folder(str(run), str(tmp_path / 'bare')) / 'README.md').read_text()
+    ckpt = torch.load(run / 'checkpoints' / 'last.ckpt', weights_only=True)
+    del ckpt['global_step']
+    torch.save(ckpt, tmp_path / 'no_step.ckpt')
+    without = (hub.folder(str(run), str(tmp_path / 'bare'), ckpt=str(tmp_path / 'no_step.ckpt')) / 'README.md').read_text()
     assert 'Model Comparison' not in without  # no eval JSON under the run: no table
+    assert '**Steps:** 29' in without and f'**Samples seen:** {29 * 16}' in without  # the last logged step
     card = (hub.folder(str(run), str(tmp_path / 'folder'), evals=[str(eval_dir)]) / 'README.md').read_text()
     costs = flops.model_costs(TINY_MODEL_CFG)
     assert f"per image: {costs['image_flops'] / 1e9:.4g}" in card
@@ -194,7 +198,7 @@ def test_hub_card_holds_costs_training_and_the_eval_numbers(tmp_path):
     assert f"image tower: {costs['image_params'] / 1e6:.2f}" in card
     assert '`/data/cc3m/{00000..00331}.tar`' in card
     assert '**Global batch size:** 16' in card  # 8 per device x 2 devices
-    assert '**Steps:** 29' in card and f'**Samples seen:** {29 * 16}' in card  # the last logged step (report's reader)
+    assert '**Steps:** 30' in card and f'**Samples seen:** {30 * 16}' in card  # the checkpoint's global_step
     header = next(line for line in card.splitlines() if line.startswith('| dataset |'))
     columns = [c.strip() for c in header.strip('|').split('|')]
     for e in EVALS:
