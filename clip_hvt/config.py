@@ -65,18 +65,17 @@ def to_open_clip(cfg: Any) -> dict:
     model's tokenizer named, because ``open_clip.get_tokenizer`` picks a Hugging Face tokenizer only by
     ``hf_tokenizer_name`` (without it, CLIP's BPE): so training and the export tokenize alike.
     """
-    if isinstance(cfg, dict):
-        out = dict(cfg)
-    elif not (dataclasses.is_dataclass(cfg) or hasattr(cfg, "as_dict")):
+    if dataclasses.is_dataclass(cfg) or hasattr(cfg, "as_dict"):
+        cfg = cfg.as_dict() if hasattr(cfg, "as_dict") else dataclasses.asdict(cfg)
+    elif not isinstance(cfg, dict):
         return cfg  # not a config at all: factory.validate_model_cfg says what is expected
-    else:
-        data = cfg.as_dict() if hasattr(cfg, "as_dict") else dataclasses.asdict(cfg)
-        out = {}
-        for key, value in data.items():
-            if key in ("vision_cfg", "text_cfg"):
-                value = {k: _plain(v) for k, v in (value or {}).items() if v is not None and not k.startswith("__")}
-            if value is not None:
-                out[key] = _plain(value)
+    # a dict too: LightningCLI's saved config.yaml holds every ModelCfg field, the unset ones null
+    out = {}
+    for key, value in cfg.items():
+        if key in ("vision_cfg", "text_cfg") and isinstance(value, dict):
+            value = {k: _plain(v) for k, v in value.items() if v is not None and not k.startswith("__")}
+        if value is not None:
+            out[key] = _plain(value)
     text = out.get("text_cfg")
     if isinstance(text, dict) and text.get("hf_model_name") and not text.get("hf_tokenizer_name"):
         out["text_cfg"] = {**text, "hf_tokenizer_name": text["hf_model_name"]}

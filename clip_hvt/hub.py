@@ -27,6 +27,7 @@ import timm
 import torch
 
 from . import export, report
+from .config import to_open_clip
 from .cli import UserError, run
 
 
@@ -115,7 +116,7 @@ def model_card(run_dir: Path, repo: str, evals: list[dict], steps: int | None = 
     (``clip_hvt.report``'s reader). Samples seen: steps x global batch."""
     cfg = report.find_config(run_dir)
     row, _ = report.summarize_run(run_dir)
-    model_cfg, data = cfg["model"]["model_cfg"], cfg.get("data") or {}
+    model_cfg, data = to_open_clip(cfg["model"]["model_cfg"]), cfg.get("data") or {}
     global_batch = int(data.get("batch_size") or 0) * report.world_size(cfg.get("trainer") or {})
     steps = row["steps"] if steps is None else steps
     vision, text = model_cfg.get("vision_cfg") or {}, model_cfg.get("text_cfg") or {}
@@ -189,7 +190,6 @@ def folder(run: str, out: str, ckpt: str | None = None, evals: list[str] | None 
     print(f"hub folder in {path} ({len(found)} evaluation results in its card)")
     if push_to:
         from . import factory
-        from .config import to_open_clip
 
         model_cfg = to_open_clip(model_cfg)
         open_clip.push_to_hf_hub(model, factory.create_tokenizer(model_cfg), model_cfg, push_to, private=private,

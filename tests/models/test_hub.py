@@ -137,7 +137,11 @@ def _run_dir(tmp_path, evals_in_run=True):
     model = open_clip.CLIP(**TINY_MODEL_CFG)
     run = tmp_path / 'run'
     (run / 'checkpoints').mkdir(parents=True)
-    config = {'model': {'model_cfg': TINY_MODEL_CFG}, 'trainer': {'devices': 2, 'num_nodes': 1, 'max_steps': 30},
+    # as LightningCLI saves the typed model config: every field, the unset ones null
+    saved_cfg = {**TINY_MODEL_CFG, 'init_logit_bias': None,
+                 'vision_cfg': {**TINY_MODEL_CFG['vision_cfg'], 'patch_dropout': None, 'pool_type': None},
+                 'text_cfg': {**TINY_MODEL_CFG['text_cfg'], 'vocab_size': None, 'pad_id': None}}
+    config = {'model': {'model_cfg': saved_cfg}, 'trainer': {'devices': 2, 'num_nodes': 1, 'max_steps': 30},
               'data': {'train_shards': '/data/cc3m/{00000..00331}.tar', 'batch_size': 8}}
     (run / 'config.yaml').write_text(yaml.safe_dump(config))
     torch.save({'hyper_parameters': {'model_cfg': TINY_MODEL_CFG}, 'global_step': 30,
