@@ -148,3 +148,30 @@ class SkipMonitor(pl.Callback):
         counts = state["skipped"] + [0] * (len(SKIP_REASONS) - len(state["skipped"]))  # older runs: fewer reasons
         self.skipped = torch.tensor(counts, dtype=torch.long)
         self.used = state["used"]
+
+
+
+class _PairFlops:
+    """Lightning's layer summary with the forward FLOPs of one image-text pair where Lightning prints 0.
+
+    Lightning counts FLOPs only by running an ``example_input_array``, which a two-tower module has not, so
+    its FLOPs column and total are zeros; the module counts them once with ``clip_hvt.flops``
+    (``tower_costs``, attention included), and the summary prints that count and drops the zero column.
+    """
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        costs = getattr(pl_module, "tower_costs", None)
+        self._pair_flops = costs["image_flops"] + costs["text_flops"] if costs else 0
+        super().on_fit_start(trainer, pl_module)
+
+    def summarize(self, summary_data, *totals, total_flops=0, **summarize_kwargs) -> None:
+        summary_data = [(name, column) for name, column in summary_data if name != "FLOPs"]
+        super().summarize(summary_data, *totals, total_flops=self._pair_flops, **summarize_kwargs)
+
+
+class ModelSummary(_PairFlops, pl.callbacks.ModelSummary):
+    __doc__ = _PairFlops.__doc__
+
+
+class RichModelSummary(_PairFlops, pl.callbacks.RichModelSummary):
+    __doc__ = _PairFlops.__doc__

@@ -16,12 +16,13 @@ import os
 import sys
 import warnings
 
+from lightning.pytorch import callbacks as pl_callbacks
 from lightning.pytorch.callbacks import ModelCheckpoint
 from jsonargparse import Namespace
 from lightning.pytorch.cli import LightningCLI
 
 from . import slurm
-from .callbacks import SkipMonitor, ZeroShotEvaluation
+from .callbacks import ModelSummary, RichModelSummary, SkipMonitor, ZeroShotEvaluation
 from .cli import UserError, explain
 from .config import to_open_clip
 from .data.datamodule import WebDataModule
@@ -121,6 +122,12 @@ def _build(args: list[str] | None) -> CLI:
     for required in (SkipMonitor, slurm.RequeueOnSignal):
         if not any(isinstance(c, required) for c in cli.trainer.callbacks):
             cli.trainer.callbacks.append(required())
+    # Lightning's summary prints 0 FLOPs (it counts only an example_input_array): ours prints the counted ones
+    callbacks = cli.trainer.callbacks
+    ours = {pl_callbacks.ModelSummary: ModelSummary, pl_callbacks.RichModelSummary: RichModelSummary}
+    for i, callback in enumerate(callbacks):
+        if type(callback) in ours:
+            callbacks[i] = ours[type(callback)](max_depth=getattr(callback, "_max_depth", 1))  # private in Lightning
     for callback in cli.trainer.callbacks:  # no sets given: the data's own zero-shot set (shapes), if any
         if isinstance(callback, ZeroShotEvaluation) and callback.sets is None:
             callback.sets = cli.datamodule.zeroshot_sets

@@ -283,3 +283,26 @@ def test_skip_monitor_resumes_counts_of_a_run_that_knew_fewer_reasons():
         "empty_caption": 6, "caption_not_utf8": 7, "pickle_member": 8, "no_label": 0, "duplicate_member": 0,
         "no_teacher_target": 0, "npy_needs_pickle": 0}
     assert monitor.state_dict() == {"skipped": [1, 2, 3, 4, 5, 6, 7, 8, 0, 0, 0, 0], "used": 100}
+
+
+def test_model_summary_prints_the_counted_flops_of_a_pair_instead_of_zero(caplog):
+    import logging
+
+    from lightning.pytorch import Trainer
+
+    from clip_hvt import flops
+    from clip_hvt.callbacks import ModelSummary
+    from clip_hvt.module import CLIPModule
+    from conftest import TINY_MODEL_CFG
+
+    module = CLIPModule(TINY_MODEL_CFG)
+    module.tower_costs = flops.model_costs(TINY_MODEL_CFG)  # what CLIPModule.setup counts
+    expected = module.tower_costs["image_flops"] + module.tower_costs["text_flops"]
+    assert expected > 0
+    trainer = Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False)
+    with caplog.at_level(logging.INFO, logger="lightning.pytorch.callbacks.model_summary"):
+        ModelSummary().on_fit_start(trainer, module)
+    from lightning.pytorch.utilities.model_summary.model_summary import get_human_readable_count
+    summary = caplog.text
+    assert f"{get_human_readable_count(expected):<10}Total Flops" in summary
+    assert "FLOPs" not in summary.split("\n")[1]  # the per-layer column of zeros is gone
