@@ -26,7 +26,7 @@ import open_clip
 import timm
 import torch
 
-from . import export, report
+from . import export, factory, report
 from .config import to_open_clip
 from .cli import UserError, run
 
@@ -120,7 +120,8 @@ def model_card(run_dir: Path, repo: str, evals: list[dict], steps: int | None = 
     global_batch = int(data.get("batch_size") or 0) * report.world_size(cfg.get("trainer") or {})
     steps = row["steps"] if steps is None else steps
     vision, text = model_cfg.get("vision_cfg") or {}, model_cfg.get("text_cfg") or {}
-    ours = row["image_tower"].startswith("cvt_") or row["image_tower"].endswith("_ms")
+    name = vision.get("timm_model_name")
+    ours = bool(name) and timm.is_model(name) and timm.models.model_entrypoint(name).__module__.startswith("clip_hvt")
     details = {
         "Architecture": f"CLIP ({row['family']}): image tower {row['image_tower']} (pool {vision.get('timm_pool')}, "
                         f"projection {vision.get('timm_proj')}), text transformer width {text.get('width')}, "
@@ -186,11 +187,10 @@ def folder(run: str, out: str, ckpt: str | None = None, evals: list[str] | None 
     path = export.export_model(model, model_cfg, out)
     from open_clip.push_to_hf_hub import generate_readme
 
+    # the card open_clip's push_to_hf_hub writes into a repo without a README.md: the hub shows what is here
     (path / "README.md").write_text(generate_readme(dict(card), push_to.split("/")[-1] if push_to else name))
     print(f"hub folder in {path} ({len(found)} evaluation results in its card)")
     if push_to:
-        from . import factory
-
         model_cfg = to_open_clip(model_cfg)
         open_clip.push_to_hf_hub(model, factory.create_tokenizer(model_cfg), model_cfg, push_to, private=private,
                                  model_card=card, safe_serialization=True)
@@ -206,6 +206,7 @@ def main(args: list[str] | None = None) -> Any:
     args = list(sys.argv[1:] if args is None else args)
     command = args.pop(0) if args and args[0] in COMMANDS else "timm"
     return run(COMMANDS[command], args, prog="clip-hvt-export-timm" if command == "timm" else "python -m clip_hvt.hub folder")
+
 
 if __name__ == "__main__":
     main()
