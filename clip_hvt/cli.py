@@ -55,15 +55,24 @@ def explain(parser: jsonargparse.ArgumentParser, err: Exception) -> str:
 TRAIN_ONLY = ("seed_everything", "trainer", "data", "checkpoint", "ckpt_path", "export_dir", "final_validation")
 
 
-def run(command: Callable[..., Any], args: list[str] | None = None, prog: str | None = None,
-        train_config: bool = False) -> Any:
+def run(command: Callable[..., Any] | dict[str, Callable[..., Any]], args: list[str] | None = None,
+        prog: str | None = None, train_config: bool = False) -> Any:
     """Parse ``args`` (default ``sys.argv[1:]``) into ``command``'s typed parameters and call it.
 
+    ``command`` may be a dict of subcommands (``{"table": table, ...}``): the first argument names one.
     ``train_config``: ``command`` takes ``model_cfg`` (open_clip's dict) and reads the training config
     files as they are: ``--model.*`` is ``CLIPModule``'s section (``--model.model_cfg.vision_cfg.image_size
     96``), the other sections of a training config are accepted and ignored.
     """
     args = list(sys.argv[1:] if args is None else args)
+    if isinstance(command, dict):
+        first = next(iter(command.values()))
+        prog = prog or f"python -m {first.__module__}"
+        if not args or args[0] not in command:
+            given = f"unknown command '{args[0]}'" if args and not args[0].startswith("-") else "no command given"
+            sys.exit(f"{prog}: error: {given}; give one of {', '.join(command)} first "
+                     f"(then --help for its options)")
+        return run(command[args[0]], args[1:], f"{prog} {args[0]}", train_config)
     debug = "--debug" in args
     if debug:
         args.remove("--debug")

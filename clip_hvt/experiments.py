@@ -238,11 +238,7 @@ COMMANDS = {"table": table, "prepare": prepare, "run": run}
 
 
 def main(args: list[str] | None = None) -> Any:
-    args = list(sys.argv[1:] if args is None else args)
-    if not args or args[0] not in COMMANDS:
-        sys.exit(f"python -m clip_hvt.experiments: error: give a command first: {', '.join(COMMANDS)} "
-                 "(e.g. table --set configs/experiments/b2.yaml)")
-    return run_cli(COMMANDS[args[0]], args[1:], prog=f"python -m clip_hvt.experiments {args[0]}")
+    return run_cli(COMMANDS, args, prog="python -m clip_hvt.experiments")
 
 
 if __name__ == "__main__":

@@ -225,3 +225,23 @@ def test_a_step_bounded_run_shows_no_negative_epoch_count(tmp_path):
                          "--trainer.enable_progress_bar", "true"])
     # bounded by max_steps (max_epochs -1 in fit): Rich's bar, Lightning's pick, would say "Epoch 0/-2"
     assert isinstance(built.trainer.progress_bar_callback, TQDMProgressBar)
+
+
+def test_a_dict_of_subcommands_runs_the_named_one_and_names_the_choices_otherwise():
+    from clip_hvt.cli import run
+
+    def add(a: int, b: int = 1) -> int:
+        """Add."""
+        return a + b
+
+    def neg(a: int) -> int:
+        """Negate."""
+        return -a
+
+    commands = {"add": add, "neg": neg}
+    assert run(commands, ["add", "--a", "2", "--b", "3"], prog="calc") == 5
+    assert run(commands, ["neg", "--a", "2"], prog="calc") == -2
+    for args, said in (([], "no command given"), (["mul"], "unknown command 'mul'")):
+        with pytest.raises(SystemExit) as exc:
+            run(commands, args, prog="calc")
+        assert str(exc.value.code) == f"calc: error: {said}; give one of add, neg first (then --help for its options)"
