@@ -202,10 +202,11 @@ COMMANDS = {"timm": export_timm, "folder": folder}
 
 
 def main(args: list[str] | None = None) -> Any:
-    """``python -m clip_hvt.hub {timm,folder} ...``; without a command, ``timm`` (``clip-hvt-export-timm``)."""
+    """``python -m clip_hvt.hub {timm,folder} ...``; without a command, ``timm`` (the ``clip-hvt-export-timm`` script)."""
     args = list(sys.argv[1:] if args is None else args)
-    command = args.pop(0) if args and args[0] in COMMANDS else "timm"
-    return run(COMMANDS[command], args, prog="clip-hvt-export-timm" if command == "timm" else "python -m clip_hvt.hub folder")
+    if args and args[0] in COMMANDS:
+        return run(COMMANDS, args, prog="python -m clip_hvt.hub")
+    return run(export_timm, args, prog="clip-hvt-export-timm")
 
 
 if __name__ == "__main__":
