@@ -198,7 +198,7 @@ def test_train_command_refuses_s3_in_one_line(tiny_config, tmp_path, monkeypatch
     monkeypatch.chdir(tmp_path)
     with pytest.raises(SystemExit) as stop:  # one line, no traceback
         train.main(["--config", tiny_config, "--data.shapes", "null", "--data.train_shards", "s3://bucket/train-{0..9}.tar"])
-    assert str(stop.value).startswith("clip_hvt.train: error: webdataset cannot open s3:// URLs")
+    assert str(stop.value).startswith("python -m clip_hvt.train: error: webdataset cannot open s3:// URLs")
     assert "'pipe:aws s3 cp s3://bucket/train-{0..9}.tar -'" in str(stop.value)
 
 
