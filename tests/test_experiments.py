@@ -122,10 +122,10 @@ def test_sweep_array_task_prepares_its_arm_and_hands_it_to_launch(tmp_path):
 
 @pytest.mark.slow
 def test_local_mode_trains_every_arm_in_its_own_directory(tmp_path):
-    exp = _write_set(tmp_path, vit_layers=2)
+    exp = _write_set(tmp_path, vit_layers=12)  # matched within 10% (run checks the table first)
     out = tmp_path / "sweep"
     main(["run", "--set", str(exp), "--out", str(out)])
-    for arm in ("pvt", "vit_d2"):
+    for arm in ("pvt", "vit_d12"):
         run_dir = out / arm
         assert (run_dir / "experiment.yaml").is_file()
         metrics = glob.glob(str(run_dir / "**" / "metrics.csv"), recursive=True)

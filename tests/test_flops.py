@@ -82,8 +82,7 @@ def test_training_logs_flops_per_second_and_mfu_against_a_configured_peak(tmp_pa
     cfg = yaml.safe_load(Path(tiny_config).read_text())
     cfg["trainer"]["callbacks"] = [{"class_path": "clip_hvt.flops.ThroughputMonitor", "init_args": {
         "batch_size_fn": "clip_hvt.callbacks.batch_size", "peak_flops": 1.0e12, "window_size": 2}}]
-    cfg["trainer"]["logger"]["init_args"]["save_dir"] = str(tmp_path)
-    cfg["trainer"]["default_root_dir"] = str(tmp_path)
+    cfg["trainer"]["default_root_dir"] = str(tmp_path)  # the run directory: the logger writes under it
     cfg["data"]["shapes"]["root"] = str(tmp_path / "shapes")
     config = tmp_path / "mfu.yaml"
     config.write_text(yaml.safe_dump(cfg))

@@ -23,18 +23,22 @@ def _tiny_run(root: Path, tiny_config: str, name: str, vision_cfg: dict | None, 
     run_dir = root / name
     run_dir.mkdir(parents=True)
     cfg["trainer"]["callbacks"].append(MONITOR)
+    # One run directory: checkpoints and the logger's save_dir derive from default_root_dir.
     cfg["trainer"].update(max_steps=6, val_check_interval=3, default_root_dir=str(run_dir))
-    cfg["trainer"]["callbacks"][0]["init_args"]["dirpath"] = str(run_dir / "checkpoints")
-    cfg["trainer"]["logger"] = ({"class_path": "clip_hvt.loggers.WandbLogger",
-                                 "init_args": {"project": "clip_hvt", "name": name, "save_dir": str(run_dir)}}
-                                if wandb else
-                                {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": str(run_dir)}})
+    if wandb:
+        cfg["trainer"]["logger"] = {"class_path": "clip_hvt.loggers.WandbLogger",
+                                    "init_args": {"project": "clip_hvt", "name": name}}
     if vision_cfg:
         cfg["model"]["model_cfg"]["vision_cfg"] = vision_cfg
     cfg["data"]["shapes"]["root"] = str(root / "shapes")
     config = root / f"{name}.yaml"
     config.write_text(yaml.safe_dump(cfg))
     train.main(["--config", str(config)])
+    if wandb:
+        # As the end of a training process would: wandb's core writes the run file asynchronously and
+        # flushes it only when the run finishes (Lightning's WandbLogger leaves the run open).
+        import wandb as wandb_sdk
+        wandb_sdk.finish()
     return run_dir
 
 
