@@ -191,7 +191,7 @@ class EvalModel:
 def load_model(spec: str) -> EvalModel:
     """``spec``: an export directory (``open_clip_config.json``), a clip_hvt ``.ckpt`` or
     ``OPEN_CLIP_NAME,WEIGHTS_FILE`` (CLIP_benchmark's ``model,pretrained`` form, a local file)."""
-    from .export import CONFIG_NAME, model_from_checkpoint
+    from .export import CONFIG_NAME, NotACheckpoint, model_from_checkpoint
 
     path = Path(spec)
     if path.is_dir() and (path / CONFIG_NAME).is_file():
@@ -200,6 +200,9 @@ def load_model(spec: str) -> EvalModel:
     if path.is_file() and path.suffix == ".ckpt":
         try:
             model, model_cfg = model_from_checkpoint(path)
+        except NotACheckpoint as err:  # export's own check, worded for --model
+            raise UserError(f"--model '{spec}' is not a clip_hvt checkpoint ({err.reason}); give a .ckpt written by "
+                            "clip_hvt.train, an export directory or OPEN_CLIP_NAME,WEIGHTS_FILE") from None
         except (KeyError, TypeError, RuntimeError, EOFError, OSError, pickle.UnpicklingError) as err:
             first = (str(err).splitlines() or [""])[0][:200]
             raise UserError(f"--model '{spec}' is not a clip_hvt checkpoint ({type(err).__name__}: {first}); give "

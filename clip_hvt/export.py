@@ -57,8 +57,18 @@ def export_from_trainer(trainer, module, out_dir: str | Path) -> Path | None:
     return out
 
 
+class NotACheckpoint(cli.UserError):
+    """A file that is not a ``clip_hvt.train`` checkpoint; ``reason`` says why (for callers that word the
+    error their own way, e.g. ``clip_hvt.eval``'s ``--model``)."""
+
+    def __init__(self, message: str, reason: str):
+        super().__init__(message)
+        self.reason = reason
+
+
 def load_checkpoint(ckpt_path: str | Path) -> dict:
-    """A ``clip_hvt.train`` checkpoint, loaded ``weights_only``; anything else is a ``UserError``."""
+    """A ``clip_hvt.train`` checkpoint, loaded ``weights_only``; anything else is a ``UserError``
+    (:class:`NotACheckpoint` for a file that is not one)."""
     path = Path(ckpt_path)
     if not path.is_file():
         raise cli.UserError(f"checkpoint '{path}' does not exist; give a .ckpt written by clip_hvt.train "
@@ -68,10 +78,12 @@ def load_checkpoint(ckpt_path: str | Path) -> dict:
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as err:  # not a (safe) torch file
-        raise cli.UserError(f"{not_ours} ({type(err).__name__} while reading it safely)") from err
+        reason = f"{type(err).__name__} while reading it safely"
+        raise NotACheckpoint(f"{not_ours} ({reason})", reason) from err
     if not (isinstance(ckpt, dict) and isinstance(ckpt.get("hyper_parameters"), dict)
             and "model_cfg" in ckpt["hyper_parameters"] and isinstance(ckpt.get("state_dict"), dict)):
-        raise cli.UserError(f"{not_ours} (it has no hyper_parameters.model_cfg and state_dict)")
+        reason = "it has no hyper_parameters.model_cfg and state_dict"
+        raise NotACheckpoint(f"{not_ours} ({reason})", reason)
     return ckpt
 
 
