@@ -2,9 +2,9 @@
 
 Lightning's ``LightningCLI`` without subcommands (``run=False``): repeated ``--config``, dotted
 overrides, ``--print_config``. One run directory, ``trainer.default_root_dir``: checkpoints go to
-``<dir>/checkpoints`` unless ``--checkpoint.dirpath`` is given (``--checkpoint.*`` sets the always-on
-``ModelCheckpoint``), the logger writes under ``<dir>`` (its ``save_dir`` is linked to it), and
-``--export_dir true`` exports to ``<dir>/export``.
+``<dir>/checkpoints`` unless ``checkpoint.dirpath`` is set (``--checkpoint.*`` sets the always-on
+``ModelCheckpoint``), the logger writes under ``<dir>`` unless its ``save_dir`` is set (in a file or as a
+flag), and ``--export_dir true`` exports to ``<dir>/export``.
 After ``fit`` it runs a final validation (zero-shot and retrieval) and, with ``--export_dir``, writes
 the open_clip export. Bad input ends in one line (``--debug``: the traceback).
 """
@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import argparse
 import glob
+import importlib
+import inspect
 import os
 import sys
 import warnings
@@ -49,10 +51,11 @@ class CLI(LightningCLI):
         # The data module gets open_clip's dict (transforms, tokenizer), as the checkpoint and export hold it.
         parser.link_arguments("model.model_cfg", "data.model_cfg", compute_fn=to_open_clip, apply_on="parse")
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
-        # One run directory: the checkpoint dir derives from it (before_instantiate_classes), the logger's
-        # save_dir is it.
+        # One run directory: the checkpoint dir (before_instantiate_classes) and the logger's save_dir derive
+        # from it unless the config sets them.
         parser.set_defaults({"checkpoint.save_last": True, "trainer.default_root_dir": "."})
-        parser.link_arguments("trainer.default_root_dir", "trainer.logger.init_args.save_dir", apply_on="parse")
+        parser.link_arguments(("trainer.default_root_dir", "trainer.logger"), "trainer.logger.init_args.save_dir",
+                              compute_fn=_logger_save_dir, apply_on="parse")
         parser.link_arguments("model.distill", "data.distill", apply_on="parse")
         parser.add_argument("--ckpt_path", type=str | None, default=None,
                             help="checkpoint to resume from: a path, or 'last' for the run's last.ckpt")
@@ -63,9 +66,6 @@ class CLI(LightningCLI):
                             help="validate once more after fit and print the final metrics")
 
     def parse_arguments(self, parser, args) -> None:
-        if any(".save_dir" in str(arg) for arg in args or sys.argv):  # a link target is silently replaced
-            raise UserError("the logger writes under the run directory: set --trainer.default_root_dir "
-                            "instead of the logger's save_dir")
         try:
             super().parse_arguments(parser, args)
         except argparse.ArgumentError as err:
@@ -88,6 +88,27 @@ class CLI(LightningCLI):
             config.export_dir = os.path.join(root, "export")
         elif config.export_dir is False:
             config.export_dir = None
+
+
+def _logger_save_dir(root: str, logger) -> str | None:
+    """The logger's ``save_dir``: as the config sets it, else (left at the logger's own default) the run
+    directory. A link, not a fill-in after parsing: CSVLogger's ``save_dir`` is required at parse time."""
+    init_args = getattr(logger, "init_args", None)
+    if init_args is None or "save_dir" not in init_args:  # no logger, or one without a save_dir
+        return None
+    given = init_args.save_dir
+    return root if given is None or given == _own_default(logger.class_path, "save_dir") else given
+
+
+def _own_default(class_path: str, name: str):
+    """The default of ``name`` in the signature of the first class in ``class_path``'s MRO declaring it
+    (``clip_hvt.loggers.WandbLogger`` passes its arguments on to Lightning's, whose ``save_dir`` is ".")."""
+    module, _, cls_name = class_path.rpartition(".")
+    for cls in getattr(importlib.import_module(module), cls_name).__mro__:
+        parameter = inspect.signature(cls.__init__).parameters.get(name)
+        if parameter is not None:
+            return None if parameter.default is inspect.Parameter.empty else parameter.default
+    return None
 
 
 def _summary(metrics: dict, export_dir: str | None) -> str:
