@@ -25,7 +25,7 @@ from lightning.pytorch.cli import LightningCLI
 
 from . import slurm
 from .callbacks import ModelSummary, RichModelSummary, SkipMonitor, ZeroShotEvaluation
-from .cli import UserError, explain
+from .cli import UserError, explain, refuse_nested_configs
 from .config import to_open_clip
 from .data.datamodule import WebDataModule
 from .export import export_from_trainer
@@ -66,6 +66,7 @@ class CLI(LightningCLI):
                             help="validate once more after fit and print the final metrics")
 
     def parse_arguments(self, parser, args) -> None:
+        refuse_nested_configs(list(sys.argv[1:] if args is None else args))
         try:
             super().parse_arguments(parser, args)
         except argparse.ArgumentError as err:

@@ -273,3 +273,15 @@ def test_a_dict_of_subcommands_runs_the_named_one_and_names_the_choices_otherwis
         with pytest.raises(SystemExit) as exc:
             run(commands, args, prog="calc")
         assert str(exc.value.code) == f"calc: error: {said}; give one of add, neg first (then --help for its options)"
+
+
+@pytest.mark.parametrize("command", ["train", "summary"])
+def test_a_config_file_naming_other_config_files_ends_in_one_line(command, tmp_path):
+    # jsonargparse would ignore the list, and for one path drop the named file's model section behind this one's
+    (tmp_path / "schedule.yaml").write_text("model:\n  lr: 0.123\n")
+    run = tmp_path / "run.yaml"
+    run.write_text("config: schedule.yaml\nmodel:\n  warmup_steps: 9\n")
+    fn = train.main if command == "train" else summary.main
+    message = one_line_error(fn, ["--config", TINY, "--config", str(run)])
+    assert message.endswith(f"error: {run}: a config file cannot name other config files ('config:'); give them as "
+                            "repeated --config before it, or name a section's file (e.g. data: data/shapes.yaml)")
