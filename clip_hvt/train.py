@@ -46,6 +46,12 @@ QUIET = (r"\.with_length\(\) only sets the value of __len__",  # we set it on pu
          r"LightningCLI's args parameter is intended to run from within Python")  # main() passes sys.argv
 
 
+# Every clip_hvt run validates by steps (val_check_interval counts steps, whatever the epoch length), with
+# no sanity pass, and writes checkpoints atomically: set here once, not in each run config.
+TRAINER_DEFAULTS = {"check_val_every_n_epoch": None, "num_sanity_val_steps": 0,
+                    "plugins": [{"class_path": "clip_hvt.checkpoint.AtomicCheckpointIO"}]}
+
+
 class CLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
         # The data module gets open_clip's dict (transforms, tokenizer), as the checkpoint and export hold it.
@@ -134,6 +140,7 @@ def _summary(metrics: dict, export_dir: str | None) -> str:
 
 def _build(args: list[str] | None) -> CLI:
     cli = CLI(CLIPModule, WebDataModule, run=False, args=args, seed_everything_default=0,
+              trainer_defaults=TRAINER_DEFAULTS,
               save_config_kwargs={"overwrite": True}, auto_configure_optimizers=False,
               parser_kwargs={"exit_on_error": False, "prog": PROG},
               # hparams from CLIPModule's own save_hyperparameters (open_clip's dict), not the parsed namespace

@@ -104,3 +104,19 @@ def test_run_configs_name_their_data_section_and_text_tower_instead_of_repeating
     assert text is None or isinstance(text, str), f"{path}: a text tower belongs in configs/text/"
     for ref in (data, text):
         assert ref is None or os.path.isfile(os.path.join(os.path.dirname(path), ref)), ref
+    from clip_hvt.train import TRAINER_DEFAULTS
+    assert not set(TRAINER_DEFAULTS) & set(cfg.get("trainer") or {}), f"{path}: set once in clip_hvt.train"
+
+
+def test_every_run_validates_by_steps_without_a_sanity_pass_and_checkpoints_atomically(tmp_path):
+    cfg = resolved("--config", os.path.join(ROOT, "configs", "gpu.yaml"))
+    assert cfg["trainer"]["check_val_every_n_epoch"] is None and cfg["trainer"]["num_sanity_val_steps"] == 0
+    assert cfg["trainer"]["plugins"] == [{"class_path": "clip_hvt.checkpoint.AtomicCheckpointIO"}]
+    assert cfg["seed_everything"] == 0
+    from clip_hvt import train
+    from clip_hvt.checkpoint import AtomicCheckpointIO
+    built = train.build(["--config", os.path.join(ROOT, "configs", "cpu_smoke.yaml"), "--config",
+                         os.path.join(ROOT, "configs", "models", "pvt_v2_b0.yaml"),
+                         "--data.shapes.root", str(tmp_path / "shapes"), "--trainer.default_root_dir", str(tmp_path)])
+    assert isinstance(built.trainer.strategy.checkpoint_io, AtomicCheckpointIO)
+    assert built.trainer.num_sanity_val_steps == 0 and built.trainer.check_val_every_n_epoch is None
