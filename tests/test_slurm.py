@@ -189,7 +189,7 @@ def _wait(condition, what: str, timeout: float, *logs: Path):
         value = condition()
         if value:
             return value
-        time.sleep(0.5)
+        time.sleep(0.2)
     tails = "\n".join(f"--- {log}:\n" + (log.read_text()[-4000:] if log.exists() else "(no job log)")
                       for log in logs)
     raise AssertionError(f"timed out waiting for {what}; job log tail:\n{tails}")
@@ -201,7 +201,7 @@ def _steps(metrics_csv: Path) -> list[int]:
 
 
 def _shapes(tmp_path: Path) -> Path:
-    """The generated shapes data of the tiny configs (tests/configs/tiny.yaml, configs/cpu_ddp.yaml), in the test's dir."""
+    """The generated shapes data of the tiny configs (tests/configs/tiny.yaml, configs/cpu_ddp.yaml) in the test dir."""
     shapes = tmp_path / "shapes"
     synthetic.ensure(shapes, Shapes(image_size=40, train_samples=256, val_samples=48, zeroshot_per_class=1).config())
     return shapes
@@ -299,10 +299,12 @@ TERMINAL = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_
 def test_sweep_array_trains_each_arm_resumes_a_requeued_task_and_feeds_the_report(slurm_env, tmp_path):
     """slurm/sweep.sbatch submitted as the README says (a 2-arm set of tiny models, one array task per arm,
     CPU resources): each task trains its own arm in runs/<set>-<array job id>/<arm>/; task 0, requeued
-    mid-run, resumes from its step checkpoint; the report over the arms has one row per arm."""
+    mid-run, resumes from its step checkpoint; task 1, signalled as before its time limit, saves, requeues
+    itself and resumes; the report over the arms has one row per arm."""
     from test_experiments import write_set
 
-    exp = write_set(tmp_path, vit_layers=2)  # arms: pvt (pvt_v2_b0), vit_d2 (a 2-block ViT), 32 px
+    # arms: pvt (pvt_v2_b0) and vit_d12 (a 12-block ViT of matched GFLOPs, so both train at about one pace), 32 px
+    exp = write_set(tmp_path, vit_layers=12)
     shapes = _shapes(tmp_path)
     array_id = _run(
         "sbatch", "--parsable", "--array=0-1", "--ntasks-per-node=1", "--cpus-per-task=1", "--gpus-per-node=0",
@@ -313,21 +315,24 @@ def test_sweep_array_trains_each_arm_resumes_a_requeued_task_and_feeds_the_repor
     tasks = [f"{array_id}_{i}" for i in (0, 1)]
     logs = [tmp_path / f"clip_hvt_sweep-{task}.out" for task in tasks]  # --output=%x-%A_%a.out in the submit dir
     sweep = tmp_path / "runs" / f"set-{array_id}"
-    arms = {"pvt": sweep / "pvt" / "runs" / "tiny", "vit_d2": sweep / "vit_d2" / "runs" / "tiny"}
+    arms = {"pvt": sweep / "pvt" / "runs" / "tiny", "vit_d12": sweep / "vit_d12" / "runs" / "tiny"}
 
-    # Requeue task 0 (arm pvt) once it has saved its first step checkpoint (step 10), while it still runs.
-    _wait(lambda: list((arms["pvt"] / "checkpoints").glob("*.ckpt")), "arm pvt's first checkpoint", 240, *logs)
-    assert _job_field(tasks[0], "JobState", slurm_env) == "RUNNING"
+    # Once each arm has saved its first step checkpoint (step 10): requeue task 0 (arm pvt) with scontrol, and
+    # send task 1 (arm vit_d12) the time-limit signal, on which it saves and requeues its own array task.
+    for (arm, root), task in zip(arms.items(), tasks):
+        _wait(lambda: list((root / "checkpoints").glob("*.ckpt")), f"arm {arm}'s first checkpoint", 240, *logs)
+        assert _job_field(task, "JobState", slurm_env) == "RUNNING"
     _run("scontrol", "requeue", tasks[0], env=slurm_env)
+    _run("scancel", "--signal=USR1", tasks[1], env=slurm_env)
     _wait(lambda: all(_job_field(t, "JobState", slurm_env) in TERMINAL for t in tasks), "both array tasks", 300,
           *logs)
     for task, log in zip(tasks, logs):
         assert _job_field(task, "JobState", slurm_env) == "COMPLETED", log.read_text()[-4000:]
-    assert [_job_field(t, "Restarts", slurm_env) for t in tasks] == ["1", "0"]
+    assert [_job_field(t, "Restarts", slurm_env) for t in tasks] == ["1", "1"]
 
     # Array index -> arm: each run trained its own image tower (nothing of the run config's model left in),
     # with the set's text tower, budget and seed.
-    towers = {"pvt": ("pvt_v2_b0", None), "vit_d2": (None, 2)}  # (timm_model_name, ViT layers)
+    towers = {"pvt": ("pvt_v2_b0", None), "vit_d12": (None, 12)}  # (timm_model_name, ViT layers)
     for arm, root in arms.items():
         prepared = yaml.safe_load((sweep / arm / "experiment.yaml").read_text())["model"]["model_cfg"]
         # LightningCLI's saved config, what the report reads
@@ -355,15 +360,22 @@ def test_sweep_array_trains_each_arm_resumes_a_requeued_task_and_feeds_the_repor
     # from a step checkpoint (every 10 steps), at most 10 steps behind the killed attempt (see the test above)
     assert start >= 10 and start % 10 == 0 and reached - 10 < start <= reached + 2
     assert second_steps == list(range(start, SWEEP_STEPS))
-    assert _steps(arms["vit_d2"] / "lightning_logs" / "version_0" / "metrics.csv") == list(range(SWEEP_STEPS))
+    # Task 1 saved hpc_ckpt_1.ckpt at a step boundary and requeued itself (its array task, not the array).
+    first, second = logs[1].read_text().split("=== clip_hvt attempt 2 ")
+    hpc = arms["vit_d12"] / "hpc_ckpt_1.ckpt"
+    saved = torch.load(hpc, weights_only=True, map_location="cpu")["global_step"]
+    assert 10 <= saved < SWEEP_STEPS
+    assert f"SIGUSR1: saved {hpc} at step {saved} and requeued SLURM job {tasks[1]}" in first
+    assert f"resume from {hpc}," in second and f"Restored all states from the checkpoint at {hpc}" in second
+    assert _steps(arms["vit_d12"] / "lightning_logs" / "version_1" / "metrics.csv") == list(range(saved, SWEEP_STEPS))
 
     # The report over the arms, as the README runs it: one row per arm with its cost and final metrics.
     report = _run(sys.executable, "-m", "clip_hvt.report", *sorted(map(str, sweep.iterdir())), "--out",
                   str(tmp_path / "report"), env=_job_env(slurm_env), timeout=300)
     with open(tmp_path / "report" / "results.csv") as f:
         rows = {row["run"]: row for row in csv.DictReader(f)}
-    assert sorted(rows) == ["pvt", "vit_d2"], report
-    assert [rows[a]["family"] for a in ("pvt", "vit_d2")] == ["hierarchical", "ViT"]
+    assert sorted(rows) == ["pvt", "vit_d12"], report
+    assert [rows[a]["family"] for a in ("pvt", "vit_d12")] == ["hierarchical", "ViT"]
     for arm in load_set(str(exp)).arms:  # each row costs its own arm's image tower
         row = rows[arm.name]
         gflops = flops.model_costs(arm.model_cfg)["image_flops"] / 1e9
