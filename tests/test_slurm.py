@@ -21,6 +21,7 @@ from clip_hvt import flops, slurm
 from clip_hvt.data import synthetic
 from clip_hvt.data.datamodule import Shapes
 from clip_hvt.experiments import load_set
+from test_experiments import write_set  # the tiny two-arm set (tests/ is on sys.path under pytest)
 
 REPO = Path(__file__).resolve().parents[1]
 CLUSTER = REPO / "tests" / "slurm_cluster.sh"
@@ -301,8 +302,6 @@ def test_sweep_array_trains_each_arm_resumes_a_requeued_task_and_feeds_the_repor
     CPU resources): each task trains its own arm in runs/<set>-<array job id>/<arm>/; task 0, requeued
     mid-run, resumes from its step checkpoint; task 1, signalled as before its time limit, saves, requeues
     itself and resumes; the report over the arms has one row per arm."""
-    from test_experiments import write_set
-
     # arms: pvt (pvt_v2_b0) and vit_d12 (a 12-block ViT of matched GFLOPs, so both train at about one pace), 32 px
     exp = write_set(tmp_path, vit_layers=12)
     shapes = _shapes(tmp_path)
@@ -319,11 +318,11 @@ def test_sweep_array_trains_each_arm_resumes_a_requeued_task_and_feeds_the_repor
 
     # Once each arm has saved its first step checkpoint (step 10): requeue task 0 (arm pvt) with scontrol, and
     # send task 1 (arm vit_d12) the time-limit signal, on which it saves and requeues its own array task.
-    for (arm, root), task in zip(arms.items(), tasks):
+    actions = (["scontrol", "requeue", tasks[0]], ["scancel", "--signal=USR1", tasks[1]])
+    for (arm, root), task, action in zip(arms.items(), tasks, actions):
         _wait(lambda: list((root / "checkpoints").glob("*.ckpt")), f"arm {arm}'s first checkpoint", 240, *logs)
         assert _job_field(task, "JobState", slurm_env) == "RUNNING"
-    _run("scontrol", "requeue", tasks[0], env=slurm_env)
-    _run("scancel", "--signal=USR1", tasks[1], env=slurm_env)
+        _run(*action, env=slurm_env)
     _wait(lambda: all(_job_field(t, "JobState", slurm_env) in TERMINAL for t in tasks), "both array tasks", 300,
           *logs)
     for task, log in zip(tasks, logs):
