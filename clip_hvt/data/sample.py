@@ -202,6 +202,11 @@ def captions(sample: dict, key: str = "txt") -> list[str]:
         values = value if isinstance(value, list) else [value]
         if not values or not all(isinstance(v, str) for v in values):
             raise SkipSample("no_caption", f"json '{field}' is not a string or a list of strings")
+    return nonempty(values)
+
+
+def nonempty(values) -> list[str]:
+    """The captions stripped, empty ones dropped; ``empty_caption`` when none is left."""
     kept = [v.strip() for v in values if v.strip()]
     if not kept:
         raise SkipSample("empty_caption")
