@@ -139,7 +139,7 @@ def count_problems(directory, reports: Sequence) -> list:
         return [Problem("sizes_unreadable", where, SIZES_FILE, "not a JSON object; run with --write_sizes true")]
     problems = []
     for report in reports:
-        expected = (shard_sizes([report.shard]) or {}).get(report.shard)
+        expected = (shard_sizes([report.shard])[0] or {}).get(report.shard)
         if expected is None:
             problems.append(Problem("sizes_missing", where, Path(report.shard).name, "run with --write_sizes true"))
         elif expected != report.samples:

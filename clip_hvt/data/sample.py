@@ -1,23 +1,14 @@
-"""What a sample is, and why one is skipped: the one set of rules every reader of shards imports.
+"""What a sample is, and why one is skipped: the one set of rules every reader of shards imports
+(training, evaluation, the checker, the converters), so they agree by construction.
 
-The training loader, validation, zero-shot and retrieval evaluation, the shard checker and the
-converters all read and decode through this module, so they agree by construction:
+Members are ``dir/key.ext`` (webdataset's ``base_plus_ext``, extensions lower-case); ``__``-prefixed
+file names (``__meta__.json``) are metadata and ignored; consecutive members with one key form a
+sample. The image is the first of ``IMAGE_KEYS``, decoded by Pillow under ``MAX_IMAGE_PIXELS``;
+nothing is unpickled (``PICKLE_SUFFIXES`` drop the sample); captions are ``txt`` or ``json.<field>``,
+labels the integer text of ``cls``. Every skip has a ``SKIP_REASONS`` name.
 
-- member names (``MEMBER RULES``): ``dir/key.ext`` with the key up to the first dot of the file
-  name (webdataset's ``base_plus_ext``), extensions compared lower-case; a member whose file name
-  starts with ``__`` (``__meta__.json``, ``__index__``) is metadata and ignored; consecutive members
-  with one key form a sample;
-- images: the first of ``IMAGE_KEYS`` present, decoded by Pillow only, refused above
-  ``MAX_IMAGE_PIXELS`` (one setting; callers pass another limit explicitly);
-- nothing is ever unpickled: a member with a suffix in ``PICKLE_SUFFIXES`` drops its sample;
-- captions are UTF-8 text (``txt``) or a JSON field (``json.<field>``, a list gives several);
-  labels are the integer text of ``cls``;
-- every reason a sample or shard is skipped is a key of ``SKIP_REASONS``, with its meaning.
-
-The tar reader is hand-written over ``tarfile`` because webdataset's hands on the partial sample of
-a shard that breaks mid-stream and calls its handler once per failed read, so counts would not be
-exact. Only complete samples leave it; a shard that cannot be read to its end counts one
-``corrupt_shard`` (the samples before the break are kept; the rest of the shard is lost, uncounted).
+The tar reader is hand-written over ``tarfile`` because webdataset's hands on the partial sample of a
+shard that breaks mid-stream and calls its handler once per failed read, so counts would not be exact.
 """
 from __future__ import annotations
 
@@ -87,7 +78,6 @@ class SkipCounter:
         return counts
 
 
-# ---------------------------------------------------------------------------------------------
 # member rules and the tar reader
 
 def split_member(name: str) -> tuple[str, str] | None:
@@ -96,10 +86,6 @@ def split_member(name: str) -> tuple[str, str] | None:
     if key is None or key.rsplit("/", 1)[-1].startswith("__"):
         return None
     return key, ext.lower()
-
-
-def is_pickle_like(ext: str) -> bool:
-    return ext.rsplit(".", 1)[-1] in PICKLE_SUFFIXES
 
 
 def read_tar(url: str, **extra) -> Iterator[dict]:
@@ -141,7 +127,6 @@ def where(sample: dict) -> str:
     return f"{sample.get('__url__', '?')}:{sample.get('__key__', '?')}"
 
 
-# ---------------------------------------------------------------------------------------------
 # decoding: image, captions, label
 
 def open_image(data: bytes, max_pixels: int = MAX_IMAGE_PIXELS, min_side: int = 0) -> tuple[Image.Image, tuple]:
@@ -244,7 +229,7 @@ def decode_sample(sample: dict, target, max_pixels: int = MAX_IMAGE_PIXELS, min_
 
     Checked in this order: members (pickle-like, duplicate), the target (caption or label), the image.
     """
-    pickled = [k for k in sample if not k.startswith("__") and is_pickle_like(k)]
+    pickled = [k for k in sample if not k.startswith("__") and k.rsplit(".", 1)[-1] in PICKLE_SUFFIXES]
     if pickled:
         raise SkipSample("pickle_member", ", ".join(pickled))
     if "__duplicate__" in sample:
