@@ -33,8 +33,8 @@ from PIL import ExifTags, Image, ImageOps
 from tqdm import tqdm
 
 from ..cli import UserError, run
-from .check import SIZES_FILE
 from .sample import MAX_IMAGE_PIXELS, SkipSample, nonempty, open_image
+from .shards import SIZES_FILE
 
 __all__ = [
     'SourceSample', 'WriteOptions', 'SkipLog', 'TableSamples', 'read_table', 'read_folder', 'read_coco',

@@ -5,6 +5,7 @@ Usable without Lightning; ``WebDataModule`` and ``clip_hvt.eval`` are built on i
 """
 from __future__ import annotations
 
+import itertools
 import math
 import random
 from functools import partial
@@ -128,9 +129,7 @@ def _eval_samples(urls: Sequence[str], rank: int, world_size: int, counter: Skip
     mine, every, offset = share(urls, rank, world_size, *((info.id, info.num_workers) if info else (0, 1)))
     # readers that read the same shards: only the first counts their shard errors
     samples = read_shards(({"url": u} for u in mine), counter, count_shard_errors=offset == 0, read=read)
-    for i, sample in enumerate(samples):
-        if i % every == offset:
-            yield sample
+    yield from itertools.islice(samples, offset, None, every)
 
 
 def _eval_batches(items: Iterator[tuple], batch_size: int, collate_fn: Callable, counter: SkipCounter) -> Iterator[dict]:

@@ -89,12 +89,9 @@ def split_member(name: str) -> tuple[str, str] | None:
 
 
 def read_tar(url: str, **extra) -> Iterator[dict]:
-    """Complete samples ``{"__key__", "__url__", **extra, ext: bytes}`` of one shard, in order.
-
-    Raises ``SkipSample("corrupt_shard")`` where the shard breaks, after the samples before it.
-    A sample goes on once the next header shows a new key, or the archive ends cleanly; one with a
-    repeated extension is marked (``__duplicate__``) so that decoding skips it.
-    """
+    """Complete samples ``{"__key__", "__url__", **extra, ext: bytes}`` of one shard, in order; raises
+    ``SkipSample("corrupt_shard")`` where the shard breaks, after the samples before it (the rest is lost,
+    uncounted). A sample with a repeated extension is marked (``__duplicate__``) so that decoding skips it."""
     sample = None
     try:  # open_url: a missing file or a failed remote command is this shard's read error
         with open_url(url) as stream, tarfile.open(fileobj=stream, mode="r|*") as tar:
@@ -130,12 +127,8 @@ def where(sample: dict) -> str:
 # decoding: image, captions, label
 
 def open_image(data: bytes, max_pixels: int = MAX_IMAGE_PIXELS, min_side: int = 0) -> tuple[Image.Image, tuple]:
-    """Image bytes fully decoded by Pillow, and the size stored in the file.
-
-    With ``min_side``, a JPEG may be decoded at a DCT scale that keeps its shorter side >= ``min_side``
-    (far faster than a full decode and a resize). Raises ``SkipSample`` (``image_too_large``,
-    ``undecodable_image``); the mode is the file's (callers convert).
-    """
+    """Image bytes fully decoded by Pillow (the file's mode), and the size stored in the file; with
+    ``min_side``, a JPEG may decode at a DCT scale keeping its shorter side >= ``min_side`` (far faster)."""
     try:
         with warnings.catch_warnings():
             # PIL warns above its own default limit; ours is the one compared explicitly below
@@ -225,10 +218,8 @@ def label(sample: dict, num_classes: int | None = None) -> int:
 
 
 def decode_sample(sample: dict, target, max_pixels: int = MAX_IMAGE_PIXELS, min_side: int = 0):
-    """(RGB image, ``target(sample)``), or ``SkipSample`` with the one reason every reader counts.
-
-    Checked in this order: members (pickle-like, duplicate), the target (caption or label), the image.
-    """
+    """(RGB image, ``target(sample)``), or ``SkipSample`` with the one reason every reader counts; checked
+    in this order: members (pickle-like, duplicate), the target (caption or label), the image."""
     pickled = [k for k in sample if not k.startswith("__") and k.rsplit(".", 1)[-1] in PICKLE_SUFFIXES]
     if pickled:
         raise SkipSample("pickle_member", ", ".join(pickled))

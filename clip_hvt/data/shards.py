@@ -32,6 +32,7 @@ log = logging.getLogger(__name__)
 # tool is one clear error instead of every shard failing as corrupt.
 _SCHEME_TOOLS = {"http": "curl", "https": "curl", "sftp": "curl", "ftps": "curl", "scp": "curl",
                  "htgs": "curl", "hf": "curl", "gs": "gsutil", "ais": "ais"}
+SIZES_FILE = "sizes.json"  # open_clip's: shard file name -> samples
 _EXIT_WAIT_S = 60.0  # a command that has written all of a shard must exit within this
 
 
@@ -228,7 +229,7 @@ def shard_sizes(urls: Sequence[str]) -> tuple[dict[str, int] | None, str]:
     unlisted = []
     tables: dict[str, dict] = {}  # one read of each directory's sizes.json, not one per shard
     for url in urls:
-        sizes_url = beside(url, "sizes.json")
+        sizes_url = beside(url, SIZES_FILE)
         if sizes_url is None:
             return None, "no word ending in .tar in the command, so no file beside it can be named"
         if sizes_url not in tables:
