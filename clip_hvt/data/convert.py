@@ -194,7 +194,8 @@ def read_table(path, image_col: str = 'image', caption_col: str = 'caption', ima
             raise ValueError(f'{path}: column {col!r} ({flag}) does not exist; columns are: '
                              f'{", ".join(map(repr, columns))}')
     rows = pq.read_metadata(path).num_rows if fmt == 'parquet' else None
-    return TableSamples(path, fmt, image_col, caption_col, Path(path.parent if image_root is None else image_root), rows)
+    root = Path(path.parent if image_root is None else image_root)
+    return TableSamples(path, fmt, image_col, caption_col, root, rows)
 
 
 def read_folder(folder, suffixes: Sequence[str] = IMAGE_SUFFIXES) -> list:

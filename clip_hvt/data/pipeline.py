@@ -17,7 +17,8 @@ import torchvision.transforms as T
 import torchvision.transforms.functional as TF
 import webdataset as wds
 
-from .sample import MAX_IMAGE_PIXELS, SkipCounter, SkipSample, captions, decode_sample, label, npy, read_tar, where
+from .sample import (MAX_IMAGE_PIXELS, TARGET_MEMBERS, SkipCounter, SkipSample, captions, decode_sample, label, npy,
+                     read_tar, where)
 from .shards import WeightedResampledShards
 
 
@@ -57,7 +58,7 @@ def caption_and_targets(sample: dict, rng: random.Random, keys: Sequence[str]) -
     """``random_caption``'s caption with the teacher's stored embeddings of the image and of that caption
     (``teacher_image.npy`` [D], ``teacher_text.npy`` [captions, D]; see ``clip_hvt.data.teacher_features``)."""
     texts = captions(sample, keys[sample.get("__source__", 0)])
-    image_emb, text_emb = npy(sample, "teacher_image.npy"), npy(sample, "teacher_text.npy")
+    image_emb, text_emb = (npy(sample, member) for member in TARGET_MEMBERS)
     text_emb = text_emb.reshape(-1, text_emb.shape[-1]) if text_emb.ndim else text_emb
     if image_emb.ndim != 1 or text_emb.shape != (len(texts), image_emb.shape[0]):
         raise SkipSample("no_teacher_target", f"shapes {image_emb.shape}, {text_emb.shape} for {len(texts)} caption(s)")

@@ -46,6 +46,7 @@ SKIP_REASONS = {  # new reasons go at the end: checkpoints of SkipMonitor store 
 MAX_IMAGE_PIXELS = 64_000_000  # images with more pixels are skipped; 8k x 8k, far above any training size
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
 PICKLE_SUFFIXES = ("pyd", "pickle", "pkl", "pth", "pt")
+TARGET_MEMBERS = ("teacher_image.npy", "teacher_text.npy")  # stored teacher targets: image [D], captions [n, D]
 
 
 class SkipSample(Exception):

@@ -21,11 +21,8 @@ import webdataset as wds
 
 from ..cli import UserError, run
 from ..distill import Distill, Teacher
-from .sample import SkipSample, captions, decode_sample, read_tar, where
+from .sample import TARGET_MEMBERS, SkipSample, captions, decode_sample, read_tar, where
 from .shards import SIZES_FILE, expand_sources
-
-TARGET_MEMBERS = ("teacher_image.npy", "teacher_text.npy")
-
 
 def npy_bytes(array: np.ndarray) -> bytes:
     buffer = io.BytesIO()
@@ -44,8 +41,7 @@ def _embed(teacher: Teacher, preprocess, batch: list, device: torch.device) -> l
     out, start = [], 0
     for (sample, _, caps), image in zip(batch, image_f):
         raw = {k: v for k, v in sample.items() if not k.startswith("__")}
-        raw["teacher_image.npy"] = npy_bytes(image)
-        raw["teacher_text.npy"] = npy_bytes(text_f[start:start + len(caps)])
+        raw[TARGET_MEMBERS[0]], raw[TARGET_MEMBERS[1]] = npy_bytes(image), npy_bytes(text_f[start:start + len(caps)])
         start += len(caps)
         out.append({"__key__": sample["__key__"], **raw})
     return out
