@@ -80,6 +80,19 @@ def _load_yaml(path: Path, where: str) -> dict:
     return data
 
 
+def _tower_files(model_cfg: dict, config: Path) -> dict:
+    """A tower given as a file (``text_cfg: ../text/w384.yaml``) read, relative to the config naming it,
+    as jsonargparse reads it in training."""
+    out = dict(model_cfg)
+    for tower in ("vision_cfg", "text_cfg"):
+        if isinstance(out.get(tower), str):
+            tower_file = config.parent / out[tower]
+            if not tower_file.is_file():
+                raise UserError(f"{config}: model_cfg.{tower}: no file '{tower_file}' (relative to that config)")
+            out[tower] = _load_yaml(tower_file, f"{config}: model_cfg.{tower}")
+    return out
+
+
 def load_set(path: str) -> ExperimentSet:
     """Read and check an experiment set; every problem is a ``UserError`` naming the key and the fix."""
     data = _load_yaml(_existing(path, "--set"), "--set")
@@ -91,7 +104,7 @@ def load_set(path: str) -> ExperimentSet:
     budget = data.get("budget") or {}
     if not set(budget) <= {"max_steps", "max_time"}:
         raise UserError(f"{path}: budget takes max_steps and/or max_time (trainer.*), got {sorted(budget)}")
-    shared = data.get("model_cfg") or {}
+    shared = _tower_files(data.get("model_cfg") or {}, Path(path))
     arms = []
     for i, entry in enumerate(data["arms"]):
         spec = {"config": entry} if isinstance(entry, str) else entry
@@ -102,14 +115,8 @@ def load_set(path: str) -> ExperimentSet:
             own = _load_yaml(config, f"arms[{i}]")["model"]["model_cfg"]
         except (KeyError, TypeError):
             raise UserError(f"{path}: arms[{i}]: {config} has no model.model_cfg") from None
-        # a tower given as a file (text_cfg: ../text/w384.yaml), relative to the config, as jsonargparse reads it
-        for tower in ("vision_cfg", "text_cfg"):
-            if isinstance(own.get(tower), str):
-                tower_file = config.parent / own[tower]
-                if not tower_file.is_file():
-                    raise UserError(f"{config}: model_cfg.{tower}: no file '{tower_file}' (relative to that config)")
-                own[tower] = _load_yaml(tower_file, f"{config}: model_cfg.{tower}")
-        model_cfg = _merge(_merge(own, shared), spec.get("model_cfg") or {})
+        own = _tower_files(own, config)
+        model_cfg = _merge(_merge(own, shared), _tower_files(spec.get("model_cfg") or {}, Path(path)))
         arms.append(Arm(spec.get("name") or config.stem, config, model_cfg))
     names = [a.name for a in arms]
     if len(set(names)) != len(names):

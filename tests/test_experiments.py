@@ -48,7 +48,7 @@ def test_arms_share_the_sets_text_tower_and_resolution_and_the_table_matches_the
     assert rows[0]["text_gflops"] == rows[1]["text_gflops"]  # one text tower for the whole set
 
 
-def test_a_tower_given_as_a_file_is_read_relative_to_the_arms_config(tmp_path):
+def test_a_tower_given_as_a_file_is_read_relative_to_the_config_naming_it(tmp_path):
     (tmp_path / "text").mkdir()
     (tmp_path / "text" / "small.yaml").write_text(yaml.safe_dump(TEXT))
     (tmp_path / "models").mkdir()
@@ -58,6 +58,11 @@ def test_a_tower_given_as_a_file_is_read_relative_to_the_arms_config(tmp_path):
     exp = tmp_path / "set.yaml"
     exp.write_text(yaml.safe_dump({"arms": [str(arm)]}))  # no text tower in the set: the arm's own
     assert load_set(str(exp)).arms[0].model_cfg["text_cfg"] == TEXT
+    # the set's own tower file, relative to the set, wins over the arm's
+    (tmp_path / "text" / "wide.yaml").write_text(yaml.safe_dump({**TEXT, "width": 64}))
+    exp.write_text(yaml.safe_dump({"arms": [str(arm)], "model_cfg": {"text_cfg": "text/wide.yaml"}}))
+    assert load_set(str(exp)).arms[0].model_cfg["text_cfg"] == {**TEXT, "width": 64}
+    exp.write_text(yaml.safe_dump({"arms": [str(arm)]}))
     arm.write_text(arm.read_text().replace("small.yaml", "big.yaml"))
     with pytest.raises(SystemExit, match="model_cfg.text_cfg: no file .*big.yaml' \\(relative to that config\\)"):
         main(["table", "--set", str(exp)])
