@@ -57,10 +57,9 @@ class StepRecorder(pl.Callback):
                 p.grad.copy_(self.feed[len(self.grads) - 1][n])
 
 
-def _one_step(shapes_root, micro_batch_size, feed=None, **module_kwargs):
+def _one_step(shapes_root, micro_batch_size, feed=None):
     pl.seed_everything(0)
-    module = CLIPModule(TINY_CFG, micro_batch_size=micro_batch_size, warmup_steps=1, max_logit_scale=100,
-                        **module_kwargs)
+    module = CLIPModule(TINY_CFG, micro_batch_size=micro_batch_size, warmup_steps=1, max_logit_scale=100)
     data = WebDataModule(shapes=Shapes(root=str(shapes_root), image_size=40, train_samples=64, val_samples=16,
                                        zeroshot_per_class=1),
                          batch_size=16, num_workers=0, sample_shuffle=1, model_cfg=TINY_CFG)
@@ -72,8 +71,7 @@ def _one_step(shapes_root, micro_batch_size, feed=None, **module_kwargs):
     return recorder, module
 
 
-@pytest.mark.parametrize("fused_optimizer", [True, False])
-def test_gradcache_step_matches_plain_step(tmp_path, fused_optimizer):
+def test_gradcache_step_matches_plain_step(tmp_path):
     """GradCache's manual step (gradients, optimizer, schedule, clamp) equals Lightning's automatic one.
 
     The GradCache run takes the plain run's gradients for its update: AdamW turns last-bit gradient
@@ -82,10 +80,11 @@ def test_gradcache_step_matches_plain_step(tmp_path, fused_optimizer):
     shared by all keys) and rounding noise in practice (~1e-8, summed in another order over micro-batches);
     AdamW's first step moves it by lr * g / (|g| + eps), up to lr * 0.06 = 3e-5 here, so the two runs'
     parameters would be ~1e-5 apart and the step-2 gradients taken at different points.
-    Fed the same gradients, both runs must hold the same parameters before each step.
+    Fed the same gradients, both runs must hold the same parameters before each step (the default, fused
+    AdamW; the optimizer itself is checked against torch's reference below).
     """
-    plain, plain_module = _one_step(tmp_path / "shapes", None, fused_optimizer=fused_optimizer)
-    cached, cached_module = _one_step(tmp_path / "shapes", 4, feed=plain.grads, fused_optimizer=fused_optimizer)
+    plain, plain_module = _one_step(tmp_path / "shapes", None)
+    cached, cached_module = _one_step(tmp_path / "shapes", 4, feed=plain.grads)
     assert len(plain.grads) == len(cached.grads) == 2
     for step in range(2):
         for name, param in plain.params[step].items():
