@@ -23,6 +23,7 @@ arguments (``slurm/sweep.sbatch`` runs them); ``run`` trains every arm one after
 from __future__ import annotations
 
 import copy
+import dataclasses
 import os
 import subprocess
 import sys
@@ -32,7 +33,7 @@ from typing import Any
 
 import yaml
 
-from . import flops
+from . import config as model_config, flops
 from .cli import UserError, run as run_cli
 
 _SET_KEYS = {"name", "configs", "budget", "seed", "tolerance", "model_cfg", "arms"}
@@ -101,6 +102,13 @@ def load_set(path: str) -> ExperimentSet:
             own = _load_yaml(config, f"arms[{i}]")["model"]["model_cfg"]
         except (KeyError, TypeError):
             raise UserError(f"{path}: arms[{i}]: {config} has no model.model_cfg") from None
+        # a tower given as a file (text_cfg: ../text/w384.yaml), relative to the config, as jsonargparse reads it
+        for tower in ("vision_cfg", "text_cfg"):
+            if isinstance(own.get(tower), str):
+                tower_file = config.parent / own[tower]
+                if not tower_file.is_file():
+                    raise UserError(f"{config}: model_cfg.{tower}: no file '{tower_file}' (relative to that config)")
+                own[tower] = _load_yaml(tower_file, f"{config}: model_cfg.{tower}")
         model_cfg = _merge(_merge(own, shared), spec.get("model_cfg") or {})
         arms.append(Arm(spec.get("name") or config.stem, config, model_cfg))
     names = [a.name for a in arms]
@@ -158,14 +166,30 @@ def _arm(exp: ExperimentSet, arm: str | int) -> Arm:
     return exp.arms[names.index(arm)]
 
 
+def _every_field(model_cfg: dict) -> dict:
+    """``model_cfg`` with every optional field of ``clip_hvt.config.ModelCfg`` present, unset ones null.
+
+    The training parser merges ``model.model_cfg`` field by field across ``--config`` files, so a field the
+    arm leaves unset would come from the set's run config instead (its ``timm_model_name`` made a ViT arm
+    a PVT); an explicit null means open_clip's default, as in the arm's own config.
+    """
+    def nulls(cls: type) -> dict:
+        return {f.name: None for f in dataclasses.fields(cls) if f.default is None}
+
+    return {**nulls(model_config.ModelCfg), **model_cfg,
+            "vision_cfg": {**nulls(model_config.VisionCfg), **model_cfg.get("vision_cfg", {})},
+            "text_cfg": {**nulls(model_config.TextCfg), **model_cfg.get("text_cfg", {})}}
+
+
 def prepare_arm(exp: ExperimentSet, arm: Arm, run_dir: Path, budget: dict[str, Any]) -> list[str]:
     """Write ``run_dir/experiment.yaml`` (the arm's model, budget, seed) and return the training arguments.
 
-    The arm's full model config is written out rather than merged by the training parser: a later
-    ``--config`` replaces ``model.model_cfg`` (a dict) as a whole.
+    The arm's model config is written out whole, every field set (``_every_field``), so it is the model
+    trained whatever the set's run configs (given before it) say about the model.
     """
     run_dir.mkdir(parents=True, exist_ok=True)
-    resolved = {"seed_everything": exp.seed, "trainer": dict(budget), "model": {"model_cfg": arm.model_cfg}}
+    resolved = {"seed_everything": exp.seed, "trainer": dict(budget),
+                "model": {"model_cfg": _every_field(arm.model_cfg)}}
     (run_dir / "experiment.yaml").write_text(
         f"# {exp.name} / {arm.name}, written by clip_hvt.experiments\n" + yaml.safe_dump(resolved, sort_keys=False))
     args = [a for c in exp.configs for a in ("--config", str(c))]
