@@ -212,12 +212,14 @@ class MultiScale(nn.Module):
             num_classes: int = 1000,
             global_pool: str = 'attn',
             drop_rate: float = 0.,
+            in_chans: int = 3,
     ):
         super().__init__()
         if not hasattr(trunk, 'forward_intermediates') or not hasattr(trunk, 'feature_info'):
             raise ValueError(
                 f'{type(trunk).__name__} has no forward_intermediates/feature_info, multiscale pooling needs both')
         self.trunk = trunk
+        self.in_chans = in_chans
         self.num_stages = len(trunk.feature_info)
         self.num_classes = num_classes
         self.drop_rate = drop_rate
@@ -275,8 +277,10 @@ class MultiScale(nn.Module):
 
     @torch.jit.ignore
     def set_input_size(self, img_size=None, **kwargs):
-        """Resize a fixed-size trunk (swin); open_clip's TimmModel.set_input_size calls this."""
-        self.trunk.set_input_size(img_size=img_size, **kwargs)
+        """Resize a fixed-size trunk (swin); open_clip's TimmModel.set_input_size calls this. A trunk without
+        set_input_size takes any size, so there is nothing to resize (the head is size-independent)."""
+        if hasattr(self.trunk, 'set_input_size'):
+            self.trunk.set_input_size(img_size=img_size, **kwargs)
 
     def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None):
         """New classifier; a new global_pool rebuilds only the head parts whose options changed."""
@@ -358,13 +362,14 @@ def _build(
         num_classes: int = 1000,
         global_pool: str = 'attn',
         drop_rate: float = 0.,
+        in_chans: int = 3,
         **trunk_kwargs,
 ) -> MultiScale:
     """The trunk (random init; weights come through timm's pretrained loading of the whole model) + the head.
 
     trunk_kwargs reach the trunk, img_size included: timm passes it from the cfg to fixed-size trunks (swin)."""
-    trunk = timm.create_model(trunk_name, pretrained=False, num_classes=0, **trunk_kwargs)
-    return MultiScale(trunk, num_classes=num_classes, global_pool=global_pool, drop_rate=drop_rate)
+    trunk = timm.create_model(trunk_name, pretrained=False, num_classes=0, in_chans=in_chans, **trunk_kwargs)
+    return MultiScale(trunk, num_classes=num_classes, global_pool=global_pool, drop_rate=drop_rate, in_chans=in_chans)
 
 
 def _create_multiscale(variant: str, trunk_name: str, pretrained: bool = False, **kwargs) -> MultiScale:
