@@ -73,6 +73,33 @@ def test_every_registered_name_is_covered():
     assert set(NAMES) == expected
 
 
+@pytest.mark.parametrize('name', NAMES)
+def test_factory_places_every_tensor_on_the_requested_device_and_dtype(name):
+    # the meta device allocates nothing, so every size runs here
+    model = _create(name, device='meta', dtype=torch.float64)
+    assert model.in_chans == model.pretrained_cfg['input_size'][0] == 3
+    tensors = [*model.named_parameters(), *model.named_buffers()]
+    assert not [n for n, t in tensors if t.device.type != 'meta']
+    assert not [n for n, t in tensors if t.is_floating_point() and t.dtype != torch.float64]
+    model.reset_classifier(0)
+    model.reset_classifier(7)
+    assert model.get_classifier().weight.device.type == 'meta'
+    assert model.get_classifier().weight.dtype == torch.float64
+    with pytest.raises(TypeError, match='not_a_model_arg'):
+        _create(name, device='meta', not_a_model_arg=1)
+
+
+@pytest.mark.parametrize('name', NAMES)
+def test_frozen_parameters_stay_frozen_through_head_reset_and_resize(name):
+    model = _create(name, device='meta')
+    model.requires_grad_(False)
+    model.reset_classifier(0, '')
+    if hasattr(model, 'set_input_size'):
+        model.set_input_size(img_size=tuple(2 * s for s in SIZE))
+    assert not [n for n, p in model.named_parameters() if p.requires_grad]
+    assert model.num_classes == 0
+
+
 def test_forward_is_finite_and_unchanged_by_grad_checkpointing(built):
     _, model = built
     model = copy.deepcopy(model)
