@@ -245,6 +245,7 @@ class MultiScale(nn.Module):
             pool, self.num_features = _create_reducer(spec, dd)
             self.pool = pool.train(self.training)
         self.spec = spec
+        self.token_head = True  # spec for torchscript, which cannot read a dataclass
         self.stage_indices: List[int] = list(spec.stages)  # the spec's stages, typed for torchscript
         self.global_pool = global_pool
         self.head_hidden_size = self.num_features
@@ -307,6 +308,10 @@ class MultiScale(nn.Module):
             self.tokens, self.pool, self.head = nn.Identity(), nn.Identity(), nn.Identity()
             self.num_classes = 0
             self.spec = None  # no token head: forward_intermediates returns stage maps only
+            self.token_head = False
+            # as in a pruned timm trunk, the features end at the deepest kept stage
+            self.stage_indices = [max_index]
+            self.num_features = self.head_hidden_size = self.feature_info[max_index]['num_chs']
         if hasattr(self.trunk, 'prune_intermediate_layers'):
             self.trunk.prune_intermediate_layers(take_indices, prune_norm=prune_norm, prune_head=True)
         self.num_stages = max_index + 1
@@ -344,6 +349,8 @@ class MultiScale(nn.Module):
         maps = self.trunk.forward_intermediates(
             x, indices=self.stage_indices, stop_early=True, intermediates_only=True)
         assert isinstance(maps, list)  # narrows the trunk's declared return type for torchscript
+        if not self.token_head:  # pruned (features_only): the deepest kept stage map
+            return maps[-1]
         return self.tokens(maps)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:

@@ -9,6 +9,20 @@ so the `default_cfgs` checks are those timm applies to its token-sequence models
 
 Each model is built once per name (module-scoped fixture) and copied per test; inputs are 64 px, so the
 suite stays small.
+
+timm's own file against our names (`tests/models/timm_suite.py` is the pytest plugin that registers our models,
+narrows timm's model lists to them and deselects the tests of timm's own models), from the repository root:
+
+    V=$(python -c 'import timm; print(timm.__version__)')
+    mkdir -p /tmp/timm_suite && pip download "timm==$V" --no-deps --no-binary :all: -d /tmp/timm_suite
+    tar xzf /tmp/timm_suite/timm-$V.tar.gz -C /tmp/timm_suite --strip-components=2 timm-$V/tests/test_models.py
+    export PYTHONPATH=$PWD:$PWD/tests/models HF_HUB_OFFLINE=1
+    python -m pytest -p timm_suite --rootdir /tmp/timm_suite -p no:cacheprovider /tmp/timm_suite/test_models.py \
+        -k test_model_forward_intermediates   # one test function at a time; -k 'cvt_13 and ...' for one name
+
+`--collect-only -q` lists what runs. timm classes its token-sequence models (ViT, PiT, MViTv2...) by name in the
+file's NON_STD_FILTERS; the plugin adds ours there too (`TIMM_SUITE_TOKENS_AS_NON_STD=0` runs them as NCHW
+models, where `test_model_default_cfgs` stops at its 2-D spatial output assertion).
 """
 import copy
 import math
@@ -168,6 +182,24 @@ def test_forward_intermediates_follow_feature_info(built, size):
         torch.testing.assert_close(only, [maps[0], maps[-1]])
         model.set_grad_checkpointing()
         torch.testing.assert_close(model.forward_intermediates(x)[0], final, rtol=1e-4, atol=1e-5)
+
+
+def test_pruned_model_ends_at_its_tap_and_trains_every_kept_parameter(built):
+    name, model = built
+    x = _images()
+    with torch.no_grad():
+        taps = model.forward_intermediates(x, intermediates_only=True)
+    for i in range(len(taps)):
+        pruned = copy.deepcopy(model)
+        take = pruned.prune_intermediate_layers([i], prune_norm=True)
+        with torch.no_grad():
+            torch.testing.assert_close(pruned.forward_intermediates(x, indices=take, intermediates_only=True)[0], taps[i])
+            if name.endswith('_ms'):  # the token head is gone: the features are the deepest kept stage map
+                torch.testing.assert_close(pruned.forward_features(x), taps[i])
+        pruned.train()
+        pruned.forward_features(x).sum().backward()
+        unused = [n for n, p in pruned.named_parameters() if p.grad is None]
+        assert not unused, f'pruned to stage {i}, no gradient for {unused[:5]}'
 
 
 def test_features_only_returns_the_stage_maps(built, tmp_path):

@@ -3,8 +3,8 @@
 timm's file parametrizes each test over `timm.list_models(...)` at import time; this plugin (loaded with `-p`
 before that import) registers our models and narrows every such list to our names, so nothing of timm's own
 zoo runs. Our modules are added wherever the file filters by module (its list of families with
-`forward_intermediates` and the `features_only` getter wrapper), since ours have both. Recipe: see
-tests/models/README.md.
+`forward_intermediates` and the `features_only` getter wrapper), since ours have both. Recipe: the docstring
+of tests/models/test_timm_contract.py.
 """
 import os
 
