@@ -22,6 +22,7 @@ import time
 import torch
 
 from clip_hvt.distill import Distill
+from common import matmul_gflops
 from clip_hvt.export import export_model
 from clip_hvt.factory import create_model
 from clip_hvt.loss import build_loss
@@ -31,14 +32,6 @@ MODEL_CFG = {"embed_dim": 128, "vision_cfg": {"timm_model_name": "pvt_v2_b0", "t
                                               "timm_proj": "linear", "image_size": 64},
              "text_cfg": {"context_length": 32, "width": 128, "heads": 4, "layers": 3}}
 
-
-def matmul_gflops(n: int = 2048, repeat: int = 3) -> float:
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    a @ b
-    start = time.perf_counter()
-    for _ in range(repeat):
-        a @ b
-    return 2 * n ** 3 * repeat / (time.perf_counter() - start) / 1e9
 
 
 def stepper(module: CLIPModule, batch: dict):

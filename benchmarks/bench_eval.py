@@ -32,6 +32,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from common import matmul_gflops
+
 MODEL_CFG = {"embed_dim": 512, "vision_cfg": {"timm_model_name": "pvt_v2_b0", "timm_pool": "avg", "image_size": 224},
              "text_cfg": {"context_length": 77, "width": 512, "heads": 8, "layers": 12}}
 
@@ -119,15 +121,6 @@ def _side(python: str, side: str, args: argparse.Namespace, export: Path, data: 
         sys.exit(f"{side} failed:\n{proc.stderr[-3000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
-
-def matmul_gflops() -> float:
-    import torch
-    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
-    a @ b
-    start = time.perf_counter()
-    for _ in range(5):
-        a @ b
-    return 5 * 2 * 2048 ** 3 / (time.perf_counter() - start) / 1e9
 
 
 def main() -> None:
