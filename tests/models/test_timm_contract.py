@@ -2,8 +2,9 @@
 
 The specification is timm's own `tests/test_models.py` (at the installed timm version): forward (and
 unchanged output under gradient checkpointing), backward to every parameter, `default_cfgs` (head sizes,
-classifier and first conv names, reset_classifier), `forward_intermediates` against `feature_info` and
-`forward_features`, `features_only`, fx tracing forward and backward, and torchscript. Our encoders return a
+classifier and first conv names, reset_classifier; creation on a given device and dtype, unknown arguments
+refused, frozen weights kept frozen), `forward_intermediates` against `feature_info` and `forward_features`,
+`prune_intermediate_layers`, `features_only`, fx tracing forward and backward, and torchscript. Our encoders return a
 token sequence from `forward_features` (CvT: class token + last-stage tokens; `_ms`: pooled multiscale tokens),
 so the `default_cfgs` checks are those timm applies to its token-sequence models (ViT, PiT, MViTv2).
 
