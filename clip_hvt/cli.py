@@ -18,6 +18,7 @@ import sys
 from typing import Any, Callable
 
 import jsonargparse
+import yaml
 
 
 class UserError(ValueError):
@@ -51,6 +52,22 @@ def explain(parser: jsonargparse.ArgumentParser, err: Exception) -> str:
     return message
 
 
+def refuse_nested_configs(args: list[str]) -> None:
+    """A ``config:`` key inside a ``--config`` file is a ``UserError``: jsonargparse (4.53) ignores a list
+    there and, for one path, lets the file's own sections replace that file's whole sections, so neither
+    composes as it reads. Files compose by repeated ``--config`` or a section naming its file."""
+    paths = [b for a, b in zip(args, args[1:]) if a == "--config"] + [a[9:] for a in args if a.startswith("--config=")]
+    for path in paths:
+        try:
+            with open(path) as f:
+                loaded = yaml.safe_load(f)
+        except (OSError, yaml.YAMLError):
+            continue  # not a readable file (a YAML string, a typo): jsonargparse says what is wrong
+        if isinstance(loaded, dict) and "config" in loaded:
+            raise UserError(f"{path}: a config file cannot name other config files ('config:'); give them as "
+                            "repeated --config before it, or name a section's file (e.g. data: data/shapes.yaml)")
+
+
 # Top-level keys of a training config that a command reading only its ``model`` section accepts and ignores.
 TRAIN_ONLY = ("seed_everything", "trainer", "data", "checkpoint", "ckpt_path", "export_dir", "final_validation")
 
@@ -77,6 +94,12 @@ def run(command: Callable[..., Any] | dict[str, Callable[..., Any]], args: list[
     if debug:
         args.remove("--debug")
     prog = prog or f"python -m {command.__module__}"
+    try:
+        refuse_nested_configs(args)
+    except UserError as err:
+        if debug:
+            raise
+        sys.exit(f"{prog}: error: {err}")
     parser = jsonargparse.ArgumentParser(prog=prog, exit_on_error=False, description=inspect.getdoc(command),
                                          epilog="--debug: show the traceback of an error")
     parser.add_argument("--config", action=jsonargparse.ActionConfigFile, help="a config file (repeatable)")

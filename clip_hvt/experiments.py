@@ -23,6 +23,7 @@ arguments (``slurm/sweep.sbatch`` runs them); ``run`` trains every arm one after
 from __future__ import annotations
 
 import copy
+import dataclasses
 import os
 import subprocess
 import sys
@@ -32,7 +33,7 @@ from typing import Any
 
 import yaml
 
-from . import flops
+from . import config as model_config, flops
 from .cli import UserError, run as run_cli
 
 _SET_KEYS = {"name", "configs", "budget", "seed", "tolerance", "model_cfg", "arms"}
@@ -79,6 +80,19 @@ def _load_yaml(path: Path, where: str) -> dict:
     return data
 
 
+def _tower_files(model_cfg: dict, config: Path) -> dict:
+    """A tower given as a file (``text_cfg: ../text/w384.yaml``) read, relative to the config naming it,
+    as jsonargparse reads it in training."""
+    out = dict(model_cfg)
+    for tower in ("vision_cfg", "text_cfg"):
+        if isinstance(out.get(tower), str):
+            tower_file = config.parent / out[tower]
+            if not tower_file.is_file():
+                raise UserError(f"{config}: model_cfg.{tower}: no file '{tower_file}' (relative to that config)")
+            out[tower] = _load_yaml(tower_file, f"{config}: model_cfg.{tower}")
+    return out
+
+
 def load_set(path: str) -> ExperimentSet:
     """Read and check an experiment set; every problem is a ``UserError`` naming the key and the fix."""
     data = _load_yaml(_existing(path, "--set"), "--set")
@@ -90,7 +104,7 @@ def load_set(path: str) -> ExperimentSet:
     budget = data.get("budget") or {}
     if not set(budget) <= {"max_steps", "max_time"}:
         raise UserError(f"{path}: budget takes max_steps and/or max_time (trainer.*), got {sorted(budget)}")
-    shared = data.get("model_cfg") or {}
+    shared = _tower_files(data.get("model_cfg") or {}, Path(path))
     arms = []
     for i, entry in enumerate(data["arms"]):
         spec = {"config": entry} if isinstance(entry, str) else entry
@@ -101,7 +115,8 @@ def load_set(path: str) -> ExperimentSet:
             own = _load_yaml(config, f"arms[{i}]")["model"]["model_cfg"]
         except (KeyError, TypeError):
             raise UserError(f"{path}: arms[{i}]: {config} has no model.model_cfg") from None
-        model_cfg = _merge(_merge(own, shared), spec.get("model_cfg") or {})
+        own = _tower_files(own, config)
+        model_cfg = _merge(_merge(own, shared), _tower_files(spec.get("model_cfg") or {}, Path(path)))
         arms.append(Arm(spec.get("name") or config.stem, config, model_cfg))
     names = [a.name for a in arms]
     if len(set(names)) != len(names):
@@ -158,14 +173,30 @@ def _arm(exp: ExperimentSet, arm: str | int) -> Arm:
     return exp.arms[names.index(arm)]
 
 
+def _every_field(model_cfg: dict) -> dict:
+    """``model_cfg`` with every optional field of ``clip_hvt.config.ModelCfg`` present, unset ones null.
+
+    The training parser merges ``model.model_cfg`` field by field across ``--config`` files, so a field the
+    arm leaves unset would come from the set's run config instead (its ``timm_model_name`` made a ViT arm
+    a PVT); an explicit null means open_clip's default, as in the arm's own config.
+    """
+    def nulls(cls: type) -> dict:
+        return {f.name: None for f in dataclasses.fields(cls) if f.default is None}
+
+    return {**nulls(model_config.ModelCfg), **model_cfg,
+            "vision_cfg": {**nulls(model_config.VisionCfg), **model_cfg.get("vision_cfg", {})},
+            "text_cfg": {**nulls(model_config.TextCfg), **model_cfg.get("text_cfg", {})}}
+
+
 def prepare_arm(exp: ExperimentSet, arm: Arm, run_dir: Path, budget: dict[str, Any]) -> list[str]:
     """Write ``run_dir/experiment.yaml`` (the arm's model, budget, seed) and return the training arguments.
 
-    The arm's full model config is written out rather than merged by the training parser: a later
-    ``--config`` replaces ``model.model_cfg`` (a dict) as a whole.
+    The arm's model config is written out whole, every field set (``_every_field``), so it is the model
+    trained whatever the set's run configs (given before it) say about the model.
     """
     run_dir.mkdir(parents=True, exist_ok=True)
-    resolved = {"seed_everything": exp.seed, "trainer": dict(budget), "model": {"model_cfg": arm.model_cfg}}
+    resolved = {"seed_everything": exp.seed, "trainer": dict(budget),
+                "model": {"model_cfg": _every_field(arm.model_cfg)}}
     (run_dir / "experiment.yaml").write_text(
         f"# {exp.name} / {arm.name}, written by clip_hvt.experiments\n" + yaml.safe_dump(resolved, sort_keys=False))
     args = [a for c in exp.configs for a in ("--config", str(c))]

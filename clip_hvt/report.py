@@ -127,15 +127,26 @@ def read_wandb_metrics(path: Path) -> list[dict[str, float]]:
     return rows
 
 
-def read_metrics(run_dir: Path) -> tuple[list[dict[str, float]], str]:
-    """Logged metric rows from the CSV logger, else from wandb offline files; and where they came from."""
-    csvs = _files(run_dir, "metrics.csv")
-    if csvs:
-        return [r for p in csvs for r in read_csv_metrics(p)], "csv"
-    runs = _files(run_dir, "*.wandb")
-    if runs:
-        return [r for p in runs for r in read_wandb_metrics(p)], "wandb"
+def read_metrics(run_dir: Path) -> tuple[list[list[dict[str, float]]], str]:
+    """Logged metric rows per attempt, oldest first (a requeued or resumed run logs each attempt to its
+    own file), from the CSV logger, else from wandb offline files; and where they came from."""
+    for pattern, reader, source in (("metrics.csv", read_csv_metrics, "csv"), ("*.wandb", read_wandb_metrics, "wandb")):
+        files = sorted(_files(run_dir, pattern), key=lambda p: p.stat().st_mtime)
+        if files:
+            return [reader(p) for p in files], source
     return [], "none"
+
+
+def merge_attempts(attempts: list[list[dict[str, float]]]) -> list[dict[str, float]]:
+    """One history from a run's attempts: an attempt resumes at its checkpoint's step, so its rows replace
+    the earlier attempts' from that step on (steps logged after that checkpoint were lost with the job)."""
+    merged: list[dict[str, float]] = []
+    for rows in attempts:
+        steps = [r["step"] for r in rows if "step" in r]
+        if steps:
+            merged = [r for r in merged if r.get("step", -1.0) < min(steps)]
+        merged += rows
+    return merged
 
 
 def read_eval_jsons(run_dir: Path) -> list[dict]:
@@ -161,13 +172,17 @@ def world_size(trainer: dict) -> int:
     return (devices if isinstance(devices, int) and devices > 0 else 1) * (nodes if isinstance(nodes, int) else 1)
 
 
-def throughput(rows: list[dict[str, float]]) -> float | None:
+def throughput(attempts: list[list[dict[str, float]]]) -> float | None:
     """Training samples/s per device from ThroughputMonitor's cumulative ``train/samples`` and ``train/time``
-    (validation time excluded by the monitor), between the first and the last logged step."""
-    points = [(r["train/time"], r["train/samples"]) for r in rows if "train/time" in r and "train/samples" in r]
-    if len(points) < 2 or points[-1][0] <= points[0][0]:
-        return None
-    return (points[-1][1] - points[0][1]) / (points[-1][0] - points[0][0])
+    (validation time excluded by the monitor), between the first and the last logged step of each attempt
+    (each process counts from zero), summed over the attempts."""
+    samples = seconds = 0.0
+    for rows in attempts:
+        points = [(r["train/time"], r["train/samples"]) for r in rows if "train/time" in r and "train/samples" in r]
+        if len(points) >= 2 and points[-1][0] > points[0][0]:
+            samples += points[-1][1] - points[0][1]
+            seconds += points[-1][0] - points[0][0]
+    return samples / seconds if seconds else None
 
 
 def summarize_run(run_dir: Path) -> tuple[dict[str, Any], list[tuple[float, float, str]]]:
@@ -176,11 +191,12 @@ def summarize_run(run_dir: Path) -> tuple[dict[str, Any], list[tuple[float, floa
     model_cfg = cfg["model"]["model_cfg"]
     vision = model_cfg.get("vision_cfg") or {}
     costs = flops.model_costs(model_cfg)
-    rows, source = read_metrics(run_dir)
+    attempts, source = read_metrics(run_dir)
+    rows = merge_attempts(attempts)
     world = world_size(cfg.get("trainer") or {})
     global_batch = int((cfg.get("data") or {}).get("batch_size") or 0) * world
     steps = max((r["step"] for r in rows if "step" in r), default=None)
-    device_rate = throughput(rows)
+    device_rate = throughput(attempts)
     row: dict[str, Any] = {
         "run": run_dir.name, "family": family(vision),
         "image_tower": vision.get("timm_model_name") or f"ViT w{vision.get('width')} d{vision.get('layers')} "

@@ -2,9 +2,9 @@
 
 Lightning's ``LightningCLI`` without subcommands (``run=False``): repeated ``--config``, dotted
 overrides, ``--print_config``. One run directory, ``trainer.default_root_dir``: checkpoints go to
-``<dir>/checkpoints`` unless ``--checkpoint.dirpath`` is given (``--checkpoint.*`` sets the always-on
-``ModelCheckpoint``), the logger writes under ``<dir>`` (its ``save_dir`` is linked to it), and
-``--export_dir true`` exports to ``<dir>/export``.
+``<dir>/checkpoints`` unless ``checkpoint.dirpath`` is set (``--checkpoint.*`` sets the always-on
+``ModelCheckpoint``), the logger writes under ``<dir>`` unless its ``save_dir`` is set (in a file or as a
+flag), and ``--export_dir true`` exports to ``<dir>/export``.
 After ``fit`` it runs a final validation (zero-shot and retrieval) and, with ``--export_dir``, writes
 the open_clip export. Bad input ends in one line (``--debug``: the traceback).
 """
@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import argparse
 import glob
+import importlib
+import inspect
 import os
 import sys
 import warnings
@@ -23,7 +25,7 @@ from lightning.pytorch.cli import LightningCLI
 
 from . import slurm
 from .callbacks import ModelSummary, RichModelSummary, SkipMonitor, ZeroShotEvaluation
-from .cli import UserError, explain
+from .cli import UserError, explain, refuse_nested_configs
 from .config import to_open_clip
 from .data.datamodule import WebDataModule
 from .export import export_from_trainer
@@ -44,15 +46,22 @@ QUIET = (r"\.with_length\(\) only sets the value of __len__",  # we set it on pu
          r"LightningCLI's args parameter is intended to run from within Python")  # main() passes sys.argv
 
 
+# Every clip_hvt run validates by steps (val_check_interval counts steps, whatever the epoch length), with
+# no sanity pass, and writes checkpoints atomically: set here once, not in each run config.
+TRAINER_DEFAULTS = {"check_val_every_n_epoch": None, "num_sanity_val_steps": 0,
+                    "plugins": [{"class_path": "clip_hvt.checkpoint.AtomicCheckpointIO"}]}
+
+
 class CLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
         # The data module gets open_clip's dict (transforms, tokenizer), as the checkpoint and export hold it.
         parser.link_arguments("model.model_cfg", "data.model_cfg", compute_fn=to_open_clip, apply_on="parse")
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
-        # One run directory: the checkpoint dir derives from it (before_instantiate_classes), the logger's
-        # save_dir is it.
+        # One run directory: the checkpoint dir (before_instantiate_classes) and the logger's save_dir derive
+        # from it unless the config sets them.
         parser.set_defaults({"checkpoint.save_last": True, "trainer.default_root_dir": "."})
-        parser.link_arguments("trainer.default_root_dir", "trainer.logger.init_args.save_dir", apply_on="parse")
+        parser.link_arguments(("trainer.default_root_dir", "trainer.logger"), "trainer.logger.init_args.save_dir",
+                              compute_fn=_logger_save_dir, apply_on="parse")
         parser.link_arguments("model.distill", "data.distill", apply_on="parse")
         parser.add_argument("--ckpt_path", type=str | None, default=None,
                             help="checkpoint to resume from: a path, or 'last' for the run's last.ckpt")
@@ -63,9 +72,7 @@ class CLI(LightningCLI):
                             help="validate once more after fit and print the final metrics")
 
     def parse_arguments(self, parser, args) -> None:
-        if any(".save_dir" in str(arg) for arg in args or sys.argv):  # a link target is silently replaced
-            raise UserError("the logger writes under the run directory: set --trainer.default_root_dir "
-                            "instead of the logger's save_dir")
+        refuse_nested_configs(list(sys.argv[1:] if args is None else args))
         try:
             super().parse_arguments(parser, args)
         except argparse.ArgumentError as err:
@@ -90,6 +97,27 @@ class CLI(LightningCLI):
             config.export_dir = None
 
 
+def _logger_save_dir(root: str, logger) -> str | None:
+    """The logger's ``save_dir``: as the config sets it, else (left at the logger's own default) the run
+    directory. A link, not a fill-in after parsing: CSVLogger's ``save_dir`` is required at parse time."""
+    init_args = getattr(logger, "init_args", None)
+    if init_args is None or "save_dir" not in init_args:  # no logger, or one without a save_dir
+        return None
+    given = init_args.save_dir
+    return root if given is None or given == _own_default(logger.class_path, "save_dir") else given
+
+
+def _own_default(class_path: str, name: str):
+    """The default of ``name`` in the signature of the first class in ``class_path``'s MRO declaring it
+    (``clip_hvt.loggers.WandbLogger`` passes its arguments on to Lightning's, whose ``save_dir`` is ".")."""
+    module, _, cls_name = class_path.rpartition(".")
+    for cls in getattr(importlib.import_module(module), cls_name).__mro__:
+        parameter = inspect.signature(cls.__init__).parameters.get(name)
+        if parameter is not None:
+            return None if parameter.default is inspect.Parameter.empty else parameter.default
+    return None
+
+
 def _summary(metrics: dict, export_dir: str | None) -> str:
     lines = []
     if "zeroshot/top1" in metrics:
@@ -112,6 +140,7 @@ def _summary(metrics: dict, export_dir: str | None) -> str:
 
 def _build(args: list[str] | None) -> CLI:
     cli = CLI(CLIPModule, WebDataModule, run=False, args=args, seed_everything_default=0,
+              trainer_defaults=TRAINER_DEFAULTS,
               save_config_kwargs={"overwrite": True}, auto_configure_optimizers=False,
               parser_kwargs={"exit_on_error": False, "prog": PROG},
               # hparams from CLIPModule's own save_hyperparameters (open_clip's dict), not the parsed namespace

@@ -198,9 +198,37 @@ def test_one_run_directory_places_checkpoints_logs_and_export(tmp_path):
     assert built.config.export_dir == str(root / "export")
 
 
-def test_the_logger_save_dir_is_the_run_directory(tmp_path):
-    message = one_line_error(train.main, ["--config", TINY, "--trainer.logger.init_args.save_dir", str(tmp_path)])
-    assert "set --trainer.default_root_dir instead of the logger's save_dir" in message
+@pytest.mark.parametrize("given", ["yaml", "flag"])
+def test_a_logger_save_dir_the_config_sets_is_honoured(given, tmp_path):
+    logs = tmp_path / "logs"
+    args = ["--config", TINY, "--data.shapes.root", str(tmp_path / "shapes"), "--trainer.default_root_dir",
+            str(tmp_path / "run")]
+    if given == "yaml":
+        (tmp_path / "logger.yaml").write_text(
+            f"trainer:\n  logger:\n    class_path: lightning.pytorch.loggers.CSVLogger\n"
+            f"    init_args: {{save_dir: {logs}, name: mine}}\n")
+        args += ["--config", str(tmp_path / "logger.yaml")]
+    else:
+        args += ["--trainer.logger.init_args.save_dir", str(logs)]
+    built = train.build(args)
+    assert built.trainer.logger.save_dir == str(logs)
+    assert built.trainer.checkpoint_callback.dirpath == str(tmp_path / "run" / "checkpoints")  # the rest stays
+
+
+@pytest.mark.parametrize("logger", ["lightning.pytorch.loggers.CSVLogger", "clip_hvt.loggers.WandbLogger"])
+def test_a_logger_save_dir_left_unset_is_the_run_directory(logger, tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    built = train.build(["--config", TINY, "--data.shapes.root", str(tmp_path / "shapes"),
+                         "--trainer.default_root_dir", str(tmp_path / "run"), "--trainer.logger", logger])
+    assert built.trainer.logger.save_dir == str(tmp_path / "run")  # wandb's own default, ".", counts as unset
+
+
+def test_a_checkpoint_dirpath_the_config_sets_is_honoured(tmp_path):
+    (tmp_path / "ckpt.yaml").write_text(f"checkpoint:\n  dirpath: {tmp_path / 'elsewhere'}\n")
+    built = train.build(["--config", TINY, "--data.shapes.root", str(tmp_path / "shapes"),
+                         "--trainer.default_root_dir", str(tmp_path / "run"), "--config", str(tmp_path / "ckpt.yaml")])
+    assert built.trainer.checkpoint_callback.dirpath == str(tmp_path / "elsewhere")
+    assert built.trainer.logger.save_dir == str(tmp_path / "run")
 
 
 def test_resume_from_last_without_a_checkpoint_says_it_starts_from_step_0(tmp_path):
@@ -245,3 +273,15 @@ def test_a_dict_of_subcommands_runs_the_named_one_and_names_the_choices_otherwis
         with pytest.raises(SystemExit) as exc:
             run(commands, args, prog="calc")
         assert str(exc.value.code) == f"calc: error: {said}; give one of add, neg first (then --help for its options)"
+
+
+@pytest.mark.parametrize("command", ["train", "summary"])
+def test_a_config_file_naming_other_config_files_ends_in_one_line(command, tmp_path):
+    # jsonargparse would ignore the list, and for one path drop the named file's model section behind this one's
+    (tmp_path / "schedule.yaml").write_text("model:\n  lr: 0.123\n")
+    run = tmp_path / "run.yaml"
+    run.write_text("config: schedule.yaml\nmodel:\n  warmup_steps: 9\n")
+    fn = train.main if command == "train" else summary.main
+    message = one_line_error(fn, ["--config", TINY, "--config", str(run)])
+    assert message.endswith(f"error: {run}: a config file cannot name other config files ('config:'); give them as "
+                            "repeated --config before it, or name a section's file (e.g. data: data/shapes.yaml)")

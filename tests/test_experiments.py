@@ -16,7 +16,7 @@ TINY_CONFIG = REPO / "tests" / "configs" / "tiny.yaml"
 TEXT = {"context_length": 16, "width": 32, "heads": 2, "layers": 1}
 
 
-def _write_set(tmp_path: Path, vit_layers: int, tolerance: float = 0.1) -> Path:
+def write_set(tmp_path: Path, vit_layers: int, tolerance: float = 0.1) -> Path:
     """pvt_v2_b0 at 32 px (the reference) vs a ViT whose depth sets its GFLOPs."""
     pvt = tmp_path / "pvt.yaml"
     pvt.write_text(yaml.safe_dump({"model": {"model_cfg": {"embed_dim": 64, "vision_cfg": {
@@ -36,7 +36,7 @@ def _write_set(tmp_path: Path, vit_layers: int, tolerance: float = 0.1) -> Path:
 
 
 def test_arms_share_the_sets_text_tower_and_resolution_and_the_table_matches_the_counter(tmp_path, capsys):
-    exp = load_set(str(_write_set(tmp_path, vit_layers=2)))
+    exp = load_set(str(write_set(tmp_path, vit_layers=2)))
     assert [a.name for a in exp.arms] == ["pvt", "vit_d2"]
     for arm in exp.arms:
         assert arm.model_cfg["text_cfg"] == TEXT and arm.model_cfg["vision_cfg"]["image_size"] == 32
@@ -48,19 +48,39 @@ def test_arms_share_the_sets_text_tower_and_resolution_and_the_table_matches_the
     assert rows[0]["text_gflops"] == rows[1]["text_gflops"]  # one text tower for the whole set
 
 
+def test_a_tower_given_as_a_file_is_read_relative_to_the_config_naming_it(tmp_path):
+    (tmp_path / "text").mkdir()
+    (tmp_path / "text" / "small.yaml").write_text(yaml.safe_dump(TEXT))
+    (tmp_path / "models").mkdir()
+    arm = tmp_path / "models" / "pvt.yaml"
+    arm.write_text(yaml.safe_dump({"model": {"model_cfg": {"embed_dim": 32, "vision_cfg": {
+        "timm_model_name": "pvt_v2_b0", "image_size": 32}, "text_cfg": "../text/small.yaml"}}}))
+    exp = tmp_path / "set.yaml"
+    exp.write_text(yaml.safe_dump({"arms": [str(arm)]}))  # no text tower in the set: the arm's own
+    assert load_set(str(exp)).arms[0].model_cfg["text_cfg"] == TEXT
+    # the set's own tower file, relative to the set, wins over the arm's
+    (tmp_path / "text" / "wide.yaml").write_text(yaml.safe_dump({**TEXT, "width": 64}))
+    exp.write_text(yaml.safe_dump({"arms": [str(arm)], "model_cfg": {"text_cfg": "text/wide.yaml"}}))
+    assert load_set(str(exp)).arms[0].model_cfg["text_cfg"] == {**TEXT, "width": 64}
+    exp.write_text(yaml.safe_dump({"arms": [str(arm)]}))
+    arm.write_text(arm.read_text().replace("small.yaml", "big.yaml"))
+    with pytest.raises(SystemExit, match="model_cfg.text_cfg: no file .*big.yaml' \\(relative to that config\\)"):
+        main(["table", "--set", str(exp)])
+
+
 def test_an_arm_out_of_tolerance_fails_the_table_naming_it(tmp_path, capsys):
-    exp = _write_set(tmp_path, vit_layers=6)
+    exp = write_set(tmp_path, vit_layers=6)
     ratio = matching_table(load_set(str(exp)))[1]["ratio"]
     assert abs(ratio - 1) > 0.1
     with pytest.raises(SystemExit, match="vit_d6 outside ±10% of pvt's image-tower GFLOPs"):
         main(["table", "--set", str(exp)])
     assert "OUT OF TOLERANCE" in capsys.readouterr().out
-    wide = _write_set(tmp_path, vit_layers=6, tolerance=abs(ratio - 1) + 0.01)
+    wide = write_set(tmp_path, vit_layers=6, tolerance=abs(ratio - 1) + 0.01)
     assert main(["table", "--set", str(wide)])[1]["matched"]
 
 
 def test_bad_sets_are_one_line_errors(tmp_path):
-    exp = _write_set(tmp_path, vit_layers=2)
+    exp = write_set(tmp_path, vit_layers=2)
     data = yaml.safe_load(exp.read_text())
     for change, message in (({"armz": []}, "unknown key"), ({"arms": []}, "at least one model config"),
                             ({"arms": ["nope.yaml"]}, "no file 'nope.yaml'"),
@@ -75,7 +95,7 @@ def test_bad_sets_are_one_line_errors(tmp_path):
 
 
 def test_prepare_writes_the_arm_config_and_its_training_arguments_compose(tmp_path, capsys):
-    exp = _write_set(tmp_path, vit_layers=2)
+    exp = write_set(tmp_path, vit_layers=2)
     main(["prepare", "--set", str(exp), "--arm", "1", "--out", str(tmp_path / "out"), "--max_time", "00:00:05:00"])
     lines = capsys.readouterr().out.splitlines()
     run_dir = Path(lines[0])
@@ -88,16 +108,18 @@ def test_prepare_writes_the_arm_config_and_its_training_arguments_compose(tmp_pa
                              capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=300)
     assert printed.returncode == 0, printed.stderr[-2000:]
     resolved = yaml.safe_load(printed.stdout)
-    got, want = resolved["model"]["model_cfg"], written["model"]["model_cfg"]  # the typed config adds defaults
-    for tower in ("vision_cfg", "text_cfg"):
-        assert {k: got[tower][k] for k in want[tower]} == want[tower]
-    assert got["embed_dim"] == want["embed_dim"]
+    # exactly the arm's model: nothing of the run config's (tiny.yaml's timm_model_name: pvt_v2_b0) left in
+    got = resolved["model"]["model_cfg"]
+    assert {k: v for k, v in got["vision_cfg"].items() if v is not None} == {
+        "image_size": 32, "patch_size": 8, "width": 64, "layers": 2, "head_width": 32}
+    assert {k: v for k, v in got["text_cfg"].items() if v is not None} == TEXT
+    assert got["embed_dim"] == 32
     assert resolved["trainer"]["max_time"] == "00:00:05:00" and resolved["seed_everything"] == 3
 
 
 def test_sweep_array_task_prepares_its_arm_and_hands_it_to_launch(tmp_path):
     """sweep.sbatch as SLURM runs it for array task 1, with launch.sh replaced by a stub that records its input."""
-    exp = _write_set(tmp_path, vit_layers=2)
+    exp = write_set(tmp_path, vit_layers=2)
     home = tmp_path / "home"
     (home / "slurm").mkdir(parents=True)
     stub = home / "slurm" / "launch.sh"
@@ -122,7 +144,7 @@ def test_sweep_array_task_prepares_its_arm_and_hands_it_to_launch(tmp_path):
 
 @pytest.mark.slow
 def test_local_mode_trains_every_arm_in_its_own_directory(tmp_path):
-    exp = _write_set(tmp_path, vit_layers=12)  # matched within 10% (run checks the table first)
+    exp = write_set(tmp_path, vit_layers=12)  # matched within 10% (run checks the table first)
     out = tmp_path / "sweep"
     main(["run", "--set", str(exp), "--out", str(out)])
     for arm in ("pvt", "vit_d12"):

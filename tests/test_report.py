@@ -9,7 +9,7 @@ import pytest
 import yaml
 from PIL import Image
 
-from clip_hvt import flops, train
+from clip_hvt import flops, report, train
 from clip_hvt.report import main as report_main, pareto_front
 
 MONITOR = {"class_path": "clip_hvt.flops.ThroughputMonitor",
@@ -115,3 +115,24 @@ def test_no_readable_run_is_a_one_line_error(tmp_path):
 def test_pareto_front_keeps_the_runs_no_cheaper_run_beats():
     points = [(1.0, 0.2), (2.0, 0.5), (2.5, 0.4), (3.0, 0.6), (3.0, 0.1), (4.0, 0.55)]
     assert pareto_front(points) == [(1.0, 0.2), (2.0, 0.5), (3.0, 0.6)]
+
+
+def test_a_requeued_runs_attempts_merge_into_one_history_and_their_throughput_adds_up(tmp_path):
+    # Attempt 1 logged steps 10-40 but its last checkpoint was at step 20; attempt 2 resumed there.
+    # Each process's ThroughputMonitor counts samples and seconds from zero.
+    def write(version: int, rows: list[dict]) -> None:
+        path = tmp_path / "lightning_logs" / f"version_{version}" / "metrics.csv"
+        path.parent.mkdir(parents=True)
+        keys = ["step", "zeroshot/top1", "train/samples", "train/time"]
+        path.write_text("\n".join([",".join(keys)] + [",".join(str(r.get(k, "")) for k in keys) for r in rows]))
+    write(0, [{"step": s, "train/samples": 8 * s, "train/time": 2.0 * s} for s in (10, 20, 30, 40)]
+          + [{"step": 30, "zeroshot/top1": 0.5}])
+    write(1, [{"step": s, "train/samples": 8 * (s - 20), "train/time": 1.0 * (s - 20)} for s in (30, 40, 50)]
+          + [{"step": 50, "zeroshot/top1": 0.75}])
+    attempts, source = report.read_metrics(tmp_path)
+    assert source == "csv" and [len(a) for a in attempts] == [5, 4]
+    merged = report.merge_attempts(attempts)
+    assert [r["step"] for r in merged] == [10, 20, 30, 40, 50, 50]  # attempt 1's steps 30, 40 replaced
+    assert [r["zeroshot/top1"] for r in merged if "zeroshot/top1" in r] == [0.75]
+    # (8*30 samples in 60 s) + (8*20 samples in 20 s)
+    assert report.throughput(attempts) == pytest.approx((240 + 160) / (60 + 20))

@@ -1,12 +1,10 @@
-"""Shard lists: spec expansion, sample counts, weighted resampling, the rank x worker split."""
+"""Shard lists: spec expansion, sample counts, weighted resampling."""
 import json
 from collections import Counter
-from types import SimpleNamespace
 
 import pytest
-import torch
 
-from clip_hvt.data.shards import ShardSplit, WeightedResampledShards, count_samples, expand_sources
+from clip_hvt.data.shards import WeightedResampledShards, count_samples, expand_sources
 
 
 def touch_shards(directory, names):
@@ -111,21 +109,6 @@ def test_resampling_differs_by_rank_and_stream_offset_and_repeats_for_equal_seed
 def test_bad_weights_are_rejected(weights, match):
     with pytest.raises(ValueError, match=match):
         WeightedResampledShards([["a"], ["b"]], weights=weights)
-
-
-def test_shard_split_covers_every_shard_once_over_ranks_and_workers(monkeypatch):
-    shards = [dict(url=f"s{i}") for i in range(23)]
-    world_size, num_workers = 3, 2
-    seen = []
-    for rank in range(world_size):
-        for worker in range(num_workers):
-            info = SimpleNamespace(id=worker, num_workers=num_workers)
-            monkeypatch.setattr(torch.utils.data, "get_worker_info", lambda info=info: info)
-            part = [s["url"] for s in ShardSplit(rank=rank, world_size=world_size)(iter(shards))]
-            assert len(part) in (3, 4)  # 23 shards over 6 readers: as even as possible
-            seen.extend(part)
-    assert sorted(seen) == sorted(s["url"] for s in shards)
-    assert len(seen) == len(set(seen))
 
 
 def test_each_pass_over_the_resampler_draws_a_fresh_sequence():

@@ -1,6 +1,7 @@
-"""SLURM: the settings check (a faked environment), and the project's sbatch script on a real
-one-node SLURM started for the test (tests/slurm_cluster.sh): requeued mid-run, it resumes from its
-last step checkpoint, finishes, and keeps both attempts' logs."""
+"""SLURM: the settings check (a faked environment), and the project's sbatch scripts on a real
+one-node SLURM started for the test (tests/slurm_cluster.sh): requeued mid-run, a training job resumes
+from its last step checkpoint, finishes, and keeps both attempts' logs; the sweep's job array trains
+one arm per task (one of them requeued) where the report reads them."""
 import csv
 import os
 import re
@@ -14,10 +15,13 @@ from pathlib import Path
 import lightning.pytorch as pl
 import pytest
 import torch
+import yaml
 
-from clip_hvt import slurm
+from clip_hvt import flops, slurm
 from clip_hvt.data import synthetic
 from clip_hvt.data.datamodule import Shapes
+from clip_hvt.experiments import load_set
+from test_experiments import write_set  # the tiny two-arm set (tests/ is on sys.path under pytest)
 
 REPO = Path(__file__).resolve().parents[1]
 CLUSTER = REPO / "tests" / "slurm_cluster.sh"
@@ -180,15 +184,16 @@ def _job_field(job_id: str, field: str, env) -> str | None:
     return match[1] if match else None
 
 
-def _wait(condition, what: str, timeout: float, log: Path):
+def _wait(condition, what: str, timeout: float, *logs: Path):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         value = condition()
         if value:
             return value
-        time.sleep(0.5)
-    tail = log.read_text()[-4000:] if log.exists() else "(no job log)"
-    raise AssertionError(f"timed out waiting for {what}; job log tail:\n{tail}")
+        time.sleep(0.2)
+    tails = "\n".join(f"--- {log}:\n" + (log.read_text()[-4000:] if log.exists() else "(no job log)")
+                      for log in logs)
+    raise AssertionError(f"timed out waiting for {what}; job log tail:\n{tails}")
 
 
 def _steps(metrics_csv: Path) -> list[int]:
@@ -196,13 +201,25 @@ def _steps(metrics_csv: Path) -> list[int]:
         return [int(row["step"]) for row in csv.DictReader(f) if row.get("train/loss")]
 
 
+def _shapes(tmp_path: Path) -> Path:
+    """The generated shapes data of the tiny configs (tests/configs/tiny.yaml, configs/cpu_ddp.yaml) in the test dir."""
+    shapes = tmp_path / "shapes"
+    synthetic.ensure(shapes, Shapes(image_size=40, train_samples=256, val_samples=48, zeroshot_per_class=1).config())
+    return shapes
+
+
+def _job_env(env) -> dict:
+    """What a job submitted by the test inherits (sbatch exports the submitting environment): this checkout."""
+    # The test cluster binds no task to its CPUs (TaskPlugin=task/none): one thread each, as --cpus-per-task=1 asks
+    return {**env, "CLIP_HVT_HOME": str(REPO), "PYTHON": sys.executable, "PYTHONPATH": str(REPO),
+            "WANDB_MODE": "offline", "PYTHONWARNINGS": "ignore::FutureWarning", "OMP_NUM_THREADS": "1"}
+
+
 def _submit_cpu_ddp(env, tmp_path: Path) -> tuple[str, Path, Path]:
     """Submit the project's single-node sbatch script with configs/cpu_ddp.yaml (2 tasks, 30 steps,
     step checkpoints every 5); return the job id, its run directory and its output file."""
-    shapes = tmp_path / "shapes"
-    synthetic.ensure(shapes, Shapes(image_size=40, train_samples=256, val_samples=48, zeroshot_per_class=1).config())
-    env = {**env, "CLIP_HVT_HOME": str(REPO), "PYTHON": sys.executable, "WANDB_MODE": "offline",
-           "PYTHONWARNINGS": "ignore::FutureWarning"}
+    shapes = _shapes(tmp_path)
+    env = _job_env(env)
     log = tmp_path / "job.out"
     job_id = _run(
         "sbatch", "--parsable", "--job-name=cpuddp", "--ntasks-per-node=2", "--cpus-per-task=1",
@@ -272,3 +289,95 @@ def test_time_limit_signal_reaches_the_tasks_which_save_and_requeue_the_job(slur
     assert f"resume from {hpc}," in second and f"Restored all states from the checkpoint at {hpc}" in second
     assert _steps(out_dir / "lightning_logs" / "version_1" / "metrics.csv") == list(range(saved, 30))
     assert torch.load(out_dir / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 30
+
+
+SWEEP_STEPS = 60
+TERMINAL = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY")
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+def test_sweep_array_trains_each_arm_resumes_a_requeued_task_and_feeds_the_report(slurm_env, tmp_path):
+    """slurm/sweep.sbatch submitted as the README says (a 2-arm set of tiny models, one array task per arm,
+    CPU resources): each task trains its own arm in runs/<set>-<array job id>/<arm>/; task 0, requeued
+    mid-run, resumes from its step checkpoint; task 1, signalled as before its time limit, saves, requeues
+    itself and resumes; the report over the arms has one row per arm."""
+    # arms: pvt (pvt_v2_b0) and vit_d12 (a 12-block ViT of matched GFLOPs, so both train at about one pace), 32 px
+    exp = write_set(tmp_path, vit_layers=12)
+    shapes = _shapes(tmp_path)
+    array_id = _run(
+        "sbatch", "--parsable", "--array=0-1", "--ntasks-per-node=1", "--cpus-per-task=1", "--gpus-per-node=0",
+        str(REPO / "slurm" / "sweep.sbatch"), str(exp), "--data.shapes.root", str(shapes),
+        "--trainer.max_steps", str(SWEEP_STEPS), "--trainer.val_check_interval", str(SWEEP_STEPS),
+        "--checkpoint.every_n_train_steps", "10", "--export_dir", "true",
+        env=_job_env(slurm_env), cwd=tmp_path).strip().split(";")[0]
+    tasks = [f"{array_id}_{i}" for i in (0, 1)]
+    logs = [tmp_path / f"clip_hvt_sweep-{task}.out" for task in tasks]  # --output=%x-%A_%a.out in the submit dir
+    sweep = tmp_path / "runs" / f"set-{array_id}"
+    arms = {"pvt": sweep / "pvt" / "runs" / "tiny", "vit_d12": sweep / "vit_d12" / "runs" / "tiny"}
+
+    # Once each arm has saved its first step checkpoint (step 10): requeue task 0 (arm pvt) with scontrol, and
+    # send task 1 (arm vit_d12) the time-limit signal, on which it saves and requeues its own array task.
+    actions = (["scontrol", "requeue", tasks[0]], ["scancel", "--signal=USR1", tasks[1]])
+    for (arm, root), task, action in zip(arms.items(), tasks, actions):
+        _wait(lambda: list((root / "checkpoints").glob("*.ckpt")), f"arm {arm}'s first checkpoint", 240, *logs)
+        assert _job_field(task, "JobState", slurm_env) == "RUNNING"
+        _run(*action, env=slurm_env)
+    _wait(lambda: all(_job_field(t, "JobState", slurm_env) in TERMINAL for t in tasks), "both array tasks", 300,
+          *logs)
+    for task, log in zip(tasks, logs):
+        assert _job_field(task, "JobState", slurm_env) == "COMPLETED", log.read_text()[-4000:]
+    assert [_job_field(t, "Restarts", slurm_env) for t in tasks] == ["1", "1"]
+
+    # Array index -> arm: each run trained its own image tower (nothing of the run config's model left in),
+    # with the set's text tower, budget and seed.
+    towers = {"pvt": ("pvt_v2_b0", None), "vit_d12": (None, 12)}  # (timm_model_name, ViT layers)
+    for arm, root in arms.items():
+        prepared = yaml.safe_load((sweep / arm / "experiment.yaml").read_text())["model"]["model_cfg"]
+        # LightningCLI's saved config, what the report reads
+        saved = yaml.safe_load((root / "lightning_logs" / "version_0" / "config.yaml").read_text())
+        assert saved["model"]["model_cfg"]["vision_cfg"] == prepared["vision_cfg"]
+        vision = prepared["vision_cfg"]
+        assert (vision["timm_model_name"], vision["layers"]) == towers[arm]
+        assert saved["model"]["model_cfg"]["text_cfg"]["width"] == 32 and vision["image_size"] == 32
+        assert saved["seed_everything"] == 3 and saved["trainer"]["max_steps"] == SWEEP_STEPS
+        final = torch.load(root / "checkpoints" / "last.ckpt", weights_only=True, map_location="cpu")
+        assert final["global_step"] == SWEEP_STEPS
+        assert (root / "export" / "open_clip_config.json").is_file()
+
+    # Task 0: two attempts in one output file; the second resumed from a step checkpoint, not from 0.
+    out = logs[0].read_text()
+    first, second = out.split("=== clip_hvt attempt 2 ")
+    assert "=== clip_hvt attempt 1 " in first and "resume from scratch" in first
+    resumed = re.search(r"resume from (\S+\.ckpt),", second)
+    assert resumed and f"Restored all states from the checkpoint at {resumed[1]}" in second
+    assert Path(resumed[1]).parent == arms["pvt"] / "checkpoints"
+    first_steps = _steps(arms["pvt"] / "lightning_logs" / "version_0" / "metrics.csv")
+    second_steps = _steps(arms["pvt"] / "lightning_logs" / "version_1" / "metrics.csv")
+    start, reached = min(second_steps), max(first_steps)
+    assert min(first_steps) == 0 and reached < SWEEP_STEPS - 1  # the requeue stopped the first attempt mid-run
+    # from a step checkpoint (every 10 steps), at most 10 steps behind the killed attempt (see the test above)
+    assert start >= 10 and start % 10 == 0 and reached - 10 < start <= reached + 2
+    assert second_steps == list(range(start, SWEEP_STEPS))
+    # Task 1 saved hpc_ckpt_1.ckpt at a step boundary and requeued itself (its array task, not the array).
+    first, second = logs[1].read_text().split("=== clip_hvt attempt 2 ")
+    hpc = arms["vit_d12"] / "hpc_ckpt_1.ckpt"
+    saved = torch.load(hpc, weights_only=True, map_location="cpu")["global_step"]
+    assert 10 <= saved < SWEEP_STEPS
+    assert f"SIGUSR1: saved {hpc} at step {saved} and requeued SLURM job {tasks[1]}" in first
+    assert f"resume from {hpc}," in second and f"Restored all states from the checkpoint at {hpc}" in second
+    assert _steps(arms["vit_d12"] / "lightning_logs" / "version_1" / "metrics.csv") == list(range(saved, SWEEP_STEPS))
+
+    # The report over the arms, as the README runs it: one row per arm with its cost and final metrics.
+    report = _run(sys.executable, "-m", "clip_hvt.report", *sorted(map(str, sweep.iterdir())), "--out",
+                  str(tmp_path / "report"), env=_job_env(slurm_env), timeout=300)
+    with open(tmp_path / "report" / "results.csv") as f:
+        rows = {row["run"]: row for row in csv.DictReader(f)}
+    assert sorted(rows) == ["pvt", "vit_d12"], report
+    assert [rows[a]["family"] for a in ("pvt", "vit_d12")] == ["hierarchical", "ViT"]
+    for arm in load_set(str(exp)).arms:  # each row costs its own arm's image tower
+        row = rows[arm.name]
+        gflops = flops.model_costs(arm.model_cfg)["image_flops"] / 1e9
+        assert float(row["image_gflops"]) == pytest.approx(gflops, rel=1e-3), rows
+        assert int(row["steps"]) == SWEEP_STEPS and row["source"] == "csv", rows  # the final validation row
+        assert 0 <= float(row["zeroshot_top1"]) <= 1

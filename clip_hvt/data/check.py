@@ -1,13 +1,9 @@
 """Check WebDataset shards with the reader's own rules, and (re)write sizes.json.
 
-Every shard is read by the training reader (``sample.read_tar``) and every sample decoded by its
-decoder (``sample.decode_sample``, images in full, under the same pixel limit): a sample fault is
-reported under the ``SKIP_REASONS`` name the loader counts it under, once per sample, so what this
-command reports is what training will skip. Nothing is ever unpickled. A shard whose samples carry
-``cls`` and no caption is checked as a zero-shot (classification) shard.
-
-Beyond what the reader skips, the checker reports ``FINDINGS``: shard-level disagreements that
-training would not notice by itself.
+Every shard is read by ``sample.read_tar`` and every sample decoded by ``sample.decode_sample`` (images in
+full, same pixel limit): a fault is reported under the ``SKIP_REASONS`` name the loader counts, so this
+reports what training will skip; nothing is unpickled. Shards whose samples carry ``cls`` and no caption
+are checked as zero-shot shards. ``FINDINGS`` are shard-level faults training would not notice.
 """
 from __future__ import annotations
 
@@ -24,9 +20,8 @@ from tqdm import tqdm
 
 from ..cli import UserError, run
 from .sample import MAX_IMAGE_PIXELS, SkipSample, captions, decode_sample, label, read_tar
-from .shards import shard_sizes
+from .shards import SIZES_FILE, shard_sizes
 
-SIZES_FILE = "sizes.json"
 FINDINGS = {
     "count_mismatch": "the shard holds another number of readable samples than sizes.json / _stats.json says",
     "sizes_missing": "no sizes.json and no img2dataset _stats.json beside the shards (training needs a count)",
@@ -54,11 +49,6 @@ class ShardReport:
     problems: list = field(default_factory=list)
 
 
-def _task(sample: dict, caption_key: str) -> str:
-    caption_member = caption_key.split(".", 1)[0]
-    return "classification" if "cls" in sample and caption_member not in sample else "retrieval"
-
-
 def check_shard(path, caption_key: str = "txt", max_pixels: int = MAX_IMAGE_PIXELS) -> ShardReport:
     """Read one shard as the loader does and check each sample."""
     report = ShardReport(shard=str(path))
@@ -70,8 +60,8 @@ def check_shard(path, caption_key: str = "txt", max_pixels: int = MAX_IMAGE_PIXE
     try:
         for sample in read_tar(str(path)):
             key = sample["__key__"]
-            if report.samples == 0:
-                report.task = _task(sample, caption_key)
+            if report.samples == 0 and "cls" in sample and caption_key.split(".", 1)[0] not in sample:
+                report.task = "classification"
             report.samples += 1
             if key in seen:
                 problem("duplicate_key", key, "appears again after other samples")
@@ -139,7 +129,7 @@ def count_problems(directory, reports: Sequence) -> list:
         return [Problem("sizes_unreadable", where, SIZES_FILE, "not a JSON object; run with --write_sizes true")]
     problems = []
     for report in reports:
-        expected = (shard_sizes([report.shard]) or {}).get(report.shard)
+        expected = (shard_sizes([report.shard])[0] or {}).get(report.shard)
         if expected is None:
             problems.append(Problem("sizes_missing", where, Path(report.shard).name, "run with --write_sizes true"))
         elif expected != report.samples:

@@ -1,28 +1,16 @@
 """Convert image-caption sources (tables, folders, COCO captions) into WebDataset shards.
 
-Data path: a source reader (`read_table`, `read_folder`, `read_coco`) lists `SourceSample`s
-without touching images; `write_shards` splits them into train/val by a hash of each sample's
-image identity, cuts each split into chunks of `maxcount` samples and lets worker processes
-decode, resize, re-encode and write one chunk each with webdataset's `ShardWriter`. Chunks
-depend only on the order of the samples, so shard names and contents do not depend on
-`--workers`.
+A reader (`read_table`, `read_folder`, `read_coco`) lists `SourceSample`s without opening an image;
+`write_shards` splits them into train/val by a hash of each image's identity, cuts each split into
+chunks of `maxcount` samples while it reads (memory stays bounded) and lets worker processes decode,
+resize, re-encode and write one chunk each: names and bytes do not depend on `--workers`.
 
-Memory stays bounded whatever the size of the source: `read_table` streams the table in chunks
-of `TABLE_CHUNK_ROWS` rows, and `write_shards` cuts chunks while it reads the samples and hands
-at most two per worker ahead to the pool. The folder and COCO readers list their samples in
-memory (a sorted directory walk, a JSON document), which they need anyway.
-
-Output layout (`OUTPUT` is the directory given on the command line):
-    val_fraction == 0:  OUTPUT/shard-000000.tar ... OUTPUT/sizes.json
-    val_fraction > 0:   OUTPUT/train/train-000000.tar ... OUTPUT/train/sizes.json
-                        OUTPUT/val/val-000000.tar ...     OUTPUT/val/sizes.json
-    always:             OUTPUT/stats.json (written, skipped, skip reasons with examples)
-
-Each sample holds `jpg` (RGB JPEG), `txt` (UTF-8 caption) and `json` (dict: source, width,
-height, original_width, original_height, and per source: row / image_id / captions). Sources
-with several captions per image (COCO) keep all of them in `json["captions"]`; `txt` is the
-first, so a reader may pick one caption per epoch at load time.
+Output: OUTPUT/shard-NNNNNN.tar + sizes.json, or with `val_fraction` > 0 OUTPUT/train/train-NNNNNN.tar
+and OUTPUT/val/val-NNNNNN.tar, each with sizes.json; always OUTPUT/stats.json (counts, skip reasons
+with examples). A sample holds `jpg`, `txt` (the first caption) and `json` (source, sizes, row or
+image_id; COCO keeps every caption in `captions`).
 """
+import csv
 import hashlib
 import io
 import itertools
@@ -32,20 +20,21 @@ import operator
 import os
 import shutil
 import sys
-from collections import defaultdict, deque
+from collections import Counter, defaultdict, deque
 from contextlib import closing
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Optional, Sequence
 
 import pandas as pd
+import pyarrow.parquet as pq
 import webdataset as wds
 from PIL import ExifTags, Image, ImageOps
 from tqdm import tqdm
 
 from ..cli import UserError, run
-from .check import SIZES_FILE
-from .sample import MAX_IMAGE_PIXELS, SkipSample, open_image
+from .sample import MAX_IMAGE_PIXELS, SkipSample, nonempty, open_image
+from .shards import SIZES_FILE
 
 __all__ = [
     'SourceSample', 'WriteOptions', 'SkipLog', 'TableSamples', 'read_table', 'read_folder', 'read_coco',
@@ -58,8 +47,7 @@ STATS_FILE = 'stats.json'
 MAX_EXAMPLES = 5
 TABLE_CHUNK_ROWS = 65_536  # rows of a table read at a time
 TASKS_AHEAD_PER_WORKER = 2  # chunks handed to the pool ahead of the one waited for, per worker
-# a fixed member mtime makes a rerun with the same inputs produce byte-identical shards
-_TAR_MTIME = 1_700_000_000.0
+_TAR_MTIME = 1_700_000_000.0  # fixed: a rerun with the same inputs writes byte-identical shards
 
 
 @dataclass
@@ -120,35 +108,26 @@ class SkipLog:
     """Counts per reason with the first few examples, mergeable across workers in task order."""
 
     def __init__(self):
-        self.counts = defaultdict(int)
-        self.examples = defaultdict(list)
+        self.counts, self.examples = Counter(), defaultdict(list)
 
     def add(self, reason: str, example: str, count: int = 1):
-        self.counts[reason] += count
-        if len(self.examples[reason]) < MAX_EXAMPLES:
-            self.examples[reason].append(example)
+        self.merge({reason: {'count': count, 'examples': [example]}})
 
     def merge(self, other: dict):
         for reason, entry in other.items():
             self.counts[reason] += entry['count']
-            room = MAX_EXAMPLES - len(self.examples[reason])
-            self.examples[reason].extend(entry['examples'][:room])
-
-    def total(self) -> int:
-        return sum(self.counts.values())
+            self.examples[reason] = (self.examples[reason] + entry['examples'])[:MAX_EXAMPLES]
 
     def to_dict(self) -> dict:
         return {r: {'count': self.counts[r], 'examples': self.examples[r]} for r in sorted(self.counts)}
 
 
-# ---------------------------------------------------------------------------------------------
 # source readers: list samples, open no image
-
 
 def _table_format(path: Path) -> str:
     suffixes = [s.lower() for s in path.suffixes]
     if suffixes and suffixes[-1] in ('.gz', '.bz2', '.xz', '.zst'):
-        suffixes = suffixes[:-1]  # pandas decompresses csv/tsv by extension
+        suffixes.pop()  # pandas decompresses csv/tsv by extension
     fmt = TABLE_FORMATS.get(suffixes[-1]) if suffixes else None
     if fmt is None:
         raise ValueError(f'{path}: unknown table format; valid suffixes: {", ".join(TABLE_FORMATS)} '
@@ -156,78 +135,52 @@ def _table_format(path: Path) -> str:
     return fmt
 
 
-def _table_columns(path: Path, fmt: str) -> list:
-    if fmt == 'parquet':
-        import pyarrow.parquet as pq
-        return list(pq.read_schema(path).names)
-    return list(_read_delimited(path, fmt, nrows=0).columns)
-
-
 def _read_delimited(path: Path, fmt: str, **kwargs) -> pd.DataFrame:
-    if fmt == 'tsv':
-        # TSV has no quoting: captions with a leading '"' must not swallow the following rows
-        kwargs.update(sep='\t', quoting=3)
+    if fmt == 'tsv':  # TSV has no quoting: captions with a leading '"' must not swallow the following rows
+        kwargs.update(sep='\t', quoting=csv.QUOTE_NONE)
     return pd.read_csv(path, dtype=str, keep_default_na=False, na_filter=False, **kwargs)
 
 
 def _cell(value) -> str:
-    if value is None or (isinstance(value, float) and value != value):
-        return ''
-    return str(value)
+    return '' if value is None or (isinstance(value, float) and value != value) else str(value)
 
 
 def _table_chunks(path: Path, fmt: str, columns: list) -> Iterator[dict]:
     """The table as {column: values} of at most `TABLE_CHUNK_ROWS` rows each, in row order."""
     if fmt == 'parquet':
-        import pyarrow.parquet as pq
         with pq.ParquetFile(path) as table:
             # arrow values, not pandas': a pandas batch turns ints into floats only if it has a null
-            for batch in table.iter_batches(batch_size=TABLE_CHUNK_ROWS, columns=columns):
-                yield {col: batch.column(col).to_pylist() for col in columns}
-        return
-    with _read_delimited(path, fmt, usecols=columns, chunksize=TABLE_CHUNK_ROWS) as reader:
-        for df in reader:
-            yield {col: df[col].tolist() for col in columns}
+            yield from (b.to_pydict() for b in table.iter_batches(batch_size=TABLE_CHUNK_ROWS, columns=columns))
+    else:
+        with _read_delimited(path, fmt, usecols=columns, chunksize=TABLE_CHUNK_ROWS) as reader:
+            yield from (df.to_dict('list') for df in reader)
 
 
+@dataclass
 class TableSamples:
-    """The samples of a table (see `read_table`), read anew in chunks on each iteration, so
-    that only one chunk of rows is in memory. `operator.length_hint` gives the row count for
-    parquet (from its metadata); a CSV/TSV would have to be read through to count it."""
-
-    def __init__(self, path: Path, fmt: str, image_col: str, caption_col: str, root: Path,
-                 rows: Optional[int] = None):
-        self.path, self.fmt, self.root, self.rows = path, fmt, root, rows
-        self.image_col, self.caption_col = image_col, caption_col
+    """The samples of a table (see `read_table`), read anew in chunks on each iteration, so that only
+    one chunk of rows is in memory. `operator.length_hint` gives the row count for parquet (from its
+    metadata); a CSV/TSV would have to be read through to count it."""
+    path: Path
+    fmt: str
+    image_col: str
+    caption_col: str
+    root: Path
+    rows: Optional[int] = None
 
     def __iter__(self) -> Iterator[SourceSample]:
-        row = 0
-        columns = list(dict.fromkeys((self.image_col, self.caption_col)))
-        for chunk in _table_chunks(self.path, self.fmt, columns):
-            for image, caption in zip(chunk[self.image_col], chunk[self.caption_col]):
-                image = _cell(image).strip()
-                image_path = Path(image)
-                if not image_path.is_absolute():
-                    image_path = self.root / image_path
-                yield SourceSample(
-                    key=f'{row:09d}',
-                    image=str(image_path) if image else '',
-                    split_id=image,
-                    captions=(_cell(caption),),
-                    meta={'row': row},
-                )
-                row += 1
+        chunks = _table_chunks(self.path, self.fmt, list(dict.fromkeys((self.image_col, self.caption_col))))
+        rows = itertools.chain.from_iterable(zip(c[self.image_col], c[self.caption_col]) for c in chunks)
+        for row, (image, caption) in enumerate(rows):
+            image = _cell(image).strip()
+            yield SourceSample(key=f'{row:09d}', image=str(self.root / image) if image else '', split_id=image,
+                               captions=(_cell(caption),), meta={'row': row})
 
     def __length_hint__(self):
         return NotImplemented if self.rows is None else self.rows
 
 
-def read_table(
-        path,
-        image_col: str = 'image',
-        caption_col: str = 'caption',
-        image_root=None,
-) -> TableSamples:
+def read_table(path, image_col: str = 'image', caption_col: str = 'caption', image_root=None) -> TableSamples:
     """Samples from a CSV/TSV/parquet table; relative image paths resolve against `image_root`
     (default: the table's directory). The split identity is the path as written in the table.
     Checks the file and its columns at once; rows are read, in chunks, only while iterating."""
@@ -235,16 +188,13 @@ def read_table(
     if not path.is_file():
         raise FileNotFoundError(f'table not found: {path}')
     fmt = _table_format(path)
-    columns = _table_columns(path, fmt)
+    columns = pq.read_schema(path).names if fmt == 'parquet' else list(_read_delimited(path, fmt, nrows=0).columns)
     for flag, col in (('--image_col', image_col), ('--caption_col', caption_col)):
         if col not in columns:
             raise ValueError(f'{path}: column {col!r} ({flag}) does not exist; columns are: '
                              f'{", ".join(map(repr, columns))}')
-    rows = None
-    if fmt == 'parquet':
-        import pyarrow.parquet as pq
-        rows = pq.read_metadata(path).num_rows
-    root = Path(image_root) if image_root is not None else path.parent
+    rows = pq.read_metadata(path).num_rows if fmt == 'parquet' else None
+    root = Path(path.parent if image_root is None else image_root)
     return TableSamples(path, fmt, image_col, caption_col, root, rows)
 
 
@@ -255,21 +205,12 @@ def read_folder(folder, suffixes: Sequence[str] = IMAGE_SUFFIXES) -> list:
     if not folder.is_dir():
         raise FileNotFoundError(f'image folder not found: {folder}')
     suffixes = {('' if s.startswith('.') else '.') + s.lower() for s in suffixes}
-    images = sorted(
-        (p for p in folder.rglob('*') if p.suffix.lower() in suffixes and p.is_file()),
-        key=lambda p: p.relative_to(folder).as_posix(),
-    )
+    images = sorted(p.relative_to(folder).as_posix() for p in folder.rglob('*')
+                    if p.suffix.lower() in suffixes and p.is_file())
     if not images:
         raise ValueError(f'{folder}: no images with suffixes {", ".join(sorted(suffixes))}')
-    return [
-        SourceSample(
-            key=f'{i:09d}',
-            image=str(p),
-            split_id=p.relative_to(folder).as_posix(),
-            caption_file=str(p.with_suffix('.txt')),
-        )
-        for i, p in enumerate(images)
-    ]
+    return [SourceSample(key=f'{i:09d}', image=str(folder / p), split_id=p,
+                         caption_file=str((folder / p).with_suffix('.txt'))) for i, p in enumerate(images)]
 
 
 def _require_keys(entries: list, keys: tuple, where: str):
@@ -286,8 +227,7 @@ def read_coco(annotations, image_root=None) -> tuple:
     annotations = Path(annotations)
     if not annotations.is_file():
         raise FileNotFoundError(f'COCO annotations not found: {annotations}')
-    with open(annotations, encoding='utf-8') as f:
-        coco = json.load(f)
+    coco = json.loads(annotations.read_text(encoding='utf-8'))
     if not (isinstance(coco, dict) and isinstance(coco.get('images'), list)
             and isinstance(coco.get('annotations'), list)):
         raise ValueError(f'{annotations}: not a COCO captions file; expected {{"images": [{{"id", "file_name"}}, '
@@ -297,36 +237,24 @@ def read_coco(annotations, image_root=None) -> tuple:
     captions = defaultdict(list)
     for ann in coco['annotations']:
         captions[ann['image_id']].append(_cell(ann.get('caption')))
-    root = Path(image_root) if image_root is not None else annotations.parent
+    root = Path(annotations.parent if image_root is None else image_root)
     images = sorted(coco['images'], key=lambda im: im['id'])
-    samples = [
-        SourceSample(
-            key=f'{i:09d}',
-            image=str(root / im['file_name']),
-            split_id=im['file_name'],
-            captions=tuple(captions.get(im['id'], ())),
-            keep_all_captions=True,
-            meta={'image_id': im['id']},
-        )
-        for i, im in enumerate(images)
-    ]
+    samples = [SourceSample(key=f'{i:09d}', image=str(root / im['file_name']), split_id=im['file_name'],
+                            captions=tuple(captions.get(im['id'], ())), keep_all_captions=True,
+                            meta={'image_id': im['id']}) for i, im in enumerate(images)]
     problems = SkipLog()
-    listed = {im['id'] for im in images}
-    for image_id in sorted(set(captions) - listed, key=str):
+    for image_id in sorted(set(captions) - {im['id'] for im in images}, key=str):
         problems.add('annotation for unknown image_id', str(image_id), count=len(captions[image_id]))
     return samples, problems
 
 
-# ---------------------------------------------------------------------------------------------
 # image decoding and sample encoding (runs in workers)
-
 
 def _to_rgb(img: Image.Image) -> Image.Image:
     if img.mode in ('RGBA', 'LA', 'PA') or (img.mode == 'P' and 'transparency' in img.info):
         # transparent areas become white rather than whatever colour sits under the alpha
         rgba = img.convert('RGBA')
-        background = Image.new('RGBA', rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(background, rgba).convert('RGB')
+        return Image.alpha_composite(Image.new('RGBA', rgba.size, (255, 255, 255, 255)), rgba).convert('RGB')
     return img.convert('RGB') if img.mode != 'RGB' else img
 
 
@@ -334,49 +262,38 @@ def resized_size(size: tuple, short_side: int, upscale: bool = False) -> tuple:
     """(w, h) with the shortest side at `short_side` and the aspect kept; unchanged when
     `short_side` is 0 or the image is already smaller and `upscale` is False."""
     w, h = size
-    short = min(w, h)
-    if short_side <= 0 or short == short_side or (short < short_side and not upscale):
+    if short_side <= 0 or min(w, h) == short_side or (min(w, h) < short_side and not upscale):
         return w, h
     if w <= h:
         return short_side, max(1, round(h * short_side / w))
     return max(1, round(w * short_side / h)), short_side
 
 
-def _load_image(path: str) -> bytes:
+def _read(path: Optional[str], missing: str) -> bytes:
+    """A file's bytes; a missing one skips the sample with reason `missing`."""
     if not path:
-        raise SkipSample('no_image', 'empty image path')
+        raise SkipSample(missing, 'empty image path')
     try:
-        with open(path, 'rb') as f:
-            return f.read()
+        return Path(path).read_bytes()
     except FileNotFoundError as e:
-        raise SkipSample('no_image', f'missing: {path}') from e
+        raise SkipSample(missing, f'missing: {path}') from e
     except OSError as e:
-        raise SkipSample('no_image', f'unreadable: {path}: {e}') from e
-
-
-def _captions(sample: SourceSample) -> list:
-    captions = sample.captions
-    if sample.caption_file is not None:
-        try:
-            with open(sample.caption_file, 'rb') as f:
-                captions = (f.read().decode('utf-8'),)
-        except FileNotFoundError as e:
-            raise SkipSample('no_caption', sample.caption_file) from e
-        except UnicodeDecodeError as e:
-            raise SkipSample('caption_not_utf8', sample.caption_file) from e
-    if not captions:
-        raise SkipSample('no_caption')
-    kept = [c.strip() for c in captions if c.strip()]
-    if not kept:
-        raise SkipSample('empty_caption')
-    return kept
+        raise SkipSample(missing, f'unreadable: {path}: {e}') from e
 
 
 def encode_sample(sample: SourceSample, opts: WriteOptions) -> dict:
     """Read, decode, resize and re-encode one sample into the dict ShardWriter writes.
     Raises SkipSample when it cannot be written."""
-    captions = _captions(sample)
-    img, original = open_image(_load_image(sample.image), opts.max_pixels, min_side=opts.resize)
+    captions = sample.captions
+    if sample.caption_file is not None:
+        try:
+            captions = (_read(sample.caption_file, 'no_caption').decode('utf-8'),)
+        except UnicodeDecodeError as e:
+            raise SkipSample('caption_not_utf8', sample.caption_file) from e
+    if not captions:
+        raise SkipSample('no_caption')
+    captions = nonempty(captions)
+    img, original = open_image(_read(sample.image, 'no_image'), opts.max_pixels, min_side=opts.resize)
     try:
         if img.getexif().get(ExifTags.Base.Orientation, 1) in (5, 6, 7, 8):  # 90 degree turns
             original = original[::-1]
@@ -392,15 +309,10 @@ def encode_sample(sample: SourceSample, opts: WriteOptions) -> dict:
             'original_width': original[0], 'original_height': original[1], **sample.meta}
     if sample.keep_all_captions:
         meta['captions'] = captions
-    return {
-        '__key__': sample.key,
-        'jpg': buf.getvalue(),
-        'txt': captions[0].encode('utf-8'),
-        'json': json.dumps(meta, ensure_ascii=False).encode('utf-8'),
-    }
+    return {'__key__': sample.key, 'jpg': buf.getvalue(), 'txt': captions[0].encode('utf-8'),
+            'json': json.dumps(meta, ensure_ascii=False).encode('utf-8')}
 
 
-# ---------------------------------------------------------------------------------------------
 # parallel writing
 
 _tick: Callable[[], None] = lambda: None  # per-process progress hook, set by _init_worker
@@ -420,19 +332,17 @@ def _write_chunk(task) -> dict:
     maxsize cuts it). Returns the tmpdir, the shards with their counts and the skip log, plain
     data only."""
     chunk, tmpdir, samples, opts = task
-    log, shards, writer = SkipLog(), {}, None
+    log, shards, writer = SkipLog(), Counter(), None
     for sample in samples:
         try:
             encoded = encode_sample(sample, opts)
         except SkipSample as e:
             log.add(e.reason, sample.image or f'row {sample.meta.get("row", sample.key)}')
         else:
-            if writer is None:
-                writer = wds.ShardWriter(
-                    os.path.join(tmpdir, f'{chunk:06d}-%04d.tar'), maxcount=opts.maxcount,
-                    maxsize=opts.maxsize, verbose=0, encoder=False, mtime=_TAR_MTIME)
+            writer = writer or wds.ShardWriter(os.path.join(tmpdir, f'{chunk:06d}-%04d.tar'), maxcount=opts.maxcount,
+                                               maxsize=opts.maxsize, verbose=0, encoder=False, mtime=_TAR_MTIME)
             writer.write(encoded)
-            shards[writer.fname] = shards.get(writer.fname, 0) + 1
+            shards[writer.fname] += 1
         _tick()
     if writer is not None:
         writer.close()
@@ -445,17 +355,9 @@ def split_of(split_id: str, val_fraction: float) -> str:
     return 'val' if int.from_bytes(digest[:8], 'big') < val_fraction * 2 ** 64 else 'train'
 
 
-def _split_dirs(output: Path, val_fraction: float) -> dict:
-    if val_fraction == 0:
-        return {'shard': output}
-    return {'train': output / 'train', 'val': output / 'val'}
-
-
 def _prepare_output(output: Path, overwrite: bool):
-    dirs = [output, output / 'train', output / 'val']
-    existing = sorted(
-        p for d in dirs if d.is_dir() for p in d.iterdir()
-        if p.suffix == '.tar' or p.name in (SIZES_FILE, STATS_FILE) or p.name.startswith('.partial-'))
+    existing = sorted(p for d in (output, output / 'train', output / 'val') if d.is_dir() for p in d.iterdir()
+                      if p.suffix == '.tar' or p.name in (SIZES_FILE, STATS_FILE) or p.name.startswith('.partial-'))
     if existing and not overwrite:
         shown = ', '.join(str(p) for p in existing[:3]) + (' ...' if len(existing) > 3 else '')
         raise FileExistsError(f'{output} already holds shards ({shown}); pass --overwrite to replace them')
@@ -468,9 +370,8 @@ def _prepare_output(output: Path, overwrite: bool):
 
 
 def _chunk_tasks(samples: Iterable, tmpdirs: dict, opts: WriteOptions) -> Iterator[tuple]:
-    """`_write_chunk` tasks cut while `samples` is read: each split's samples in order,
-    `maxcount` per chunk, each split's shorter last chunk once `samples` is exhausted. Holds one
-    unfinished chunk per split, whatever the number of samples."""
+    """`_write_chunk` tasks cut while `samples` is read: each split's samples in order, `maxcount`
+    per chunk, the shorter last ones at the end. Holds one unfinished chunk per split."""
     chunks = itertools.count()
     pending = {name: [] for name in tmpdirs}
     for sample in samples:
@@ -493,62 +394,54 @@ def _run_chunks(tasks: Iterable, total: Optional[int], workers: int) -> Iterator
     # a look at the first tasks: fewer than two need no pool, fewer than `workers` fewer processes
     head = list(itertools.islice(tasks, workers)) if workers > 1 else []
     tasks = itertools.chain(head, tasks)
-    if workers == 1 or len(head) <= 1:
+    if len(head) <= 1:
         with tqdm(total=total, unit='img', desc='writing shards') as bar:
             _tick = bar.update
             try:
-                for task in tasks:
-                    yield _write_chunk(task)
+                yield from map(_write_chunk, tasks)
             finally:
                 _tick = lambda: None
         return
     counter = multiprocessing.Value('q', 0)
     # the pool forks before tqdm starts its monitor thread: forking a threaded process can deadlock
-    with multiprocessing.Pool(len(head), initializer=_init_worker, initargs=(counter,)) as pool:
-        with tqdm(total=total, unit='img', desc='writing shards') as bar:
-            def result_of(pending):
-                while not pending.ready():
-                    pending.wait(0.5)
-                    bar.update(counter.value - bar.n)
+    with multiprocessing.Pool(len(head), initializer=_init_worker, initargs=(counter,)) as pool, \
+            tqdm(total=total, unit='img', desc='writing shards') as bar:
+        def result_of(pending):
+            while not pending.ready():
+                pending.wait(0.5)
                 bar.update(counter.value - bar.n)
-                return pending.get()
+            bar.update(counter.value - bar.n)
+            return pending.get()
 
-            in_flight = deque()
-            for task in tasks:
-                in_flight.append(pool.apply_async(_write_chunk, (task,)))
-                if len(in_flight) > TASKS_AHEAD_PER_WORKER * len(head):
-                    yield result_of(in_flight.popleft())
-            while in_flight:
+        in_flight = deque()
+        for task in tasks:
+            in_flight.append(pool.apply_async(_write_chunk, (task,)))
+            if len(in_flight) > TASKS_AHEAD_PER_WORKER * len(head):
                 yield result_of(in_flight.popleft())
+        while in_flight:
+            yield result_of(in_flight.popleft())
 
 
-def write_shards(
-        samples: Iterable,
-        output,
-        opts: WriteOptions = WriteOptions(),
-        source_problems: Optional[SkipLog] = None,
-        source: str = '',
-) -> dict:
+def write_shards(samples: Iterable, output, opts: WriteOptions = WriteOptions(),
+                 source_problems: Optional[SkipLog] = None, source: str = '') -> dict:
     """Write `samples` as WebDataset shards under `output`; returns (and writes) stats.json.
     `samples` is read once, while shards are written; the progress bar's total is its
     `operator.length_hint` (none for a plain iterator)."""
     opts.validate()
     output = Path(output)
     _prepare_output(output, opts.overwrite)
-    split_dirs = _split_dirs(output, opts.val_fraction)
-    tmpdirs = {}
+    split_dirs = {'shard': output} if opts.val_fraction == 0 else {n: output / n for n in ('train', 'val')}
+    tmpdirs = {name: output / f'.partial-{name}' for name in split_dirs}
     for name, directory in split_dirs.items():
         directory.mkdir(parents=True, exist_ok=True)
-        tmpdirs[name] = output / f'.partial-{name}'
         tmpdirs[name].mkdir()
     split_of_tmpdir = {str(tmpdir): name for name, tmpdir in tmpdirs.items()}
     total = operator.length_hint(samples, -1)
-
     # per split in task order: the shards written, and skips merged as they were in one list of tasks
     shards, logs = {name: [] for name in split_dirs}, {name: SkipLog() for name in split_dirs}
     try:
-        tasks = _chunk_tasks(samples, tmpdirs, opts)
-        with closing(_run_chunks(tasks, total if total >= 0 else None, opts.workers)) as results:
+        with closing(_run_chunks(_chunk_tasks(samples, tmpdirs, opts), total if total >= 0 else None,
+                                 opts.workers)) as results:
             for result in results:
                 name = split_of_tmpdir[result['tmpdir']]
                 shards[name].extend(result['shards'])
@@ -558,7 +451,6 @@ def write_shards(
         for tmpdir in tmpdirs.values():
             shutil.rmtree(tmpdir, ignore_errors=True)
         raise
-
     log, splits = SkipLog(), {}
     for name, directory in split_dirs.items():
         sizes = {}
@@ -567,43 +459,30 @@ def write_shards(
             os.replace(tmp_name, directory / final)
             sizes[final] = count
         tmpdirs[name].rmdir()
-        with open(directory / SIZES_FILE, 'w') as f:
-            json.dump(sizes, f, indent=1)
+        (directory / SIZES_FILE).write_text(json.dumps(sizes, indent=1))
         splits[name] = {'directory': str(directory), 'samples': sum(sizes.values()), 'shards': len(sizes)}
         log.merge(logs[name].to_dict())
-
-    stats = {
-        'source': source,
-        'written': sum(s['samples'] for s in splits.values()),
-        'skipped': log.total(),
-        'skip_reasons': log.to_dict(),
-        'splits': splits,
-        'source_problems': source_problems.to_dict() if source_problems else {},
-        'options': asdict(opts),
-    }
-    with open(output / STATS_FILE, 'w') as f:
-        json.dump(stats, f, indent=1)
+    stats = {'source': source, 'written': sum(s['samples'] for s in splits.values()),
+             'skipped': sum(log.counts.values()), 'skip_reasons': log.to_dict(), 'splits': splits,
+             'source_problems': source_problems.to_dict() if source_problems else {}, 'options': asdict(opts)}
+    (output / STATS_FILE).write_text(json.dumps(stats, indent=1))
     return stats
 
 
-# ---------------------------------------------------------------------------------------------
 # commands: python -m clip_hvt.data.convert {table,folder,coco} ...
 
-
-def _print_stats(stats: dict) -> int:
-    for name, split in stats['splits'].items():
+def _convert(convert: Callable[[], dict]) -> int:
+    """Run a conversion, print its stats; exit 1 when nothing was written."""
+    try:
+        stats = convert()
+    except (ValueError, FileNotFoundError, FileExistsError) as e:  # bad path, column, format, existing output
+        raise UserError(str(e)) from e
+    for split in stats['splits'].values():
         print(f'{split["directory"]}: {split["samples"]} samples in {split["shards"]} shards')
     print(f'written {stats["written"]}, skipped {stats["skipped"]}')
     for reason, entry in {**stats['skip_reasons'], **stats['source_problems']}.items():
         print(f'  {reason}: {entry["count"]} (e.g. {", ".join(map(str, entry["examples"][:3]))})')
     return 0 if stats['written'] else 1
-
-
-def _user_errors(convert: Callable[[], dict]) -> int:
-    try:
-        return _print_stats(convert())
-    except (ValueError, FileNotFoundError, FileExistsError) as e:  # bad path, column, format, existing output
-        raise UserError(str(e)) from e
 
 
 def table(path: str, output: str, image_col: str = 'image', caption_col: str = 'caption',
@@ -618,8 +497,8 @@ def table(path: str, output: str, image_col: str = 'image', caption_col: str = '
         image_root: directory relative image paths start from (default: the table's).
         write: how shards are written.
     """
-    return _user_errors(lambda: write_shards(read_table(path, image_col, caption_col, image_root), output, write,
-                                             source=path))
+    return _convert(lambda: write_shards(read_table(path, image_col, caption_col, image_root), output, write,
+                                         source=path))
 
 
 def folder(path: str, output: str, suffixes: list[str] = list(IMAGE_SUFFIXES),
@@ -632,7 +511,7 @@ def folder(path: str, output: str, suffixes: list[str] = list(IMAGE_SUFFIXES),
         suffixes: image file suffixes.
         write: how shards are written.
     """
-    return _user_errors(lambda: write_shards(read_folder(path, suffixes), output, write, source=path))
+    return _convert(lambda: write_shards(read_folder(path, suffixes), output, write, source=path))
 
 
 def coco(path: str, output: str, image_root: Optional[str] = None, write: WriteOptions = WriteOptions()) -> int:
@@ -647,7 +526,7 @@ def coco(path: str, output: str, image_root: Optional[str] = None, write: WriteO
     def convert():
         samples, problems = read_coco(path, image_root)
         return write_shards(samples, output, write, problems, source=path)
-    return _user_errors(convert)
+    return _convert(convert)
 
 
 def main(args: Optional[list] = None) -> None:

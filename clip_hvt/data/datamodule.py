@@ -1,14 +1,10 @@
-"""WebDataset DataModule: shards -> robust decode -> open_clip transforms and tokenizer -> batches.
-
-Training reads resampled shards (endless, weighted per source) and every rank yields exactly
-``train_num_samples // (batch_size * world_size)`` batches per epoch, so DDP never waits on a rank
-that ran out. Validation reads each shard once, split explicitly by rank and worker. Both are built
-by ``clip_hvt.data.pipeline``.
+"""WebDataset DataModule: shards -> open_clip transforms and tokenizer -> batches, built by
+``clip_hvt.data.pipeline``. Every rank yields ``train_num_samples // (batch_size * world_size)``
+training batches per epoch, so DDP never waits on a rank that ran out.
 """
 from __future__ import annotations
 
 import logging
-import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Sequence
@@ -37,9 +33,7 @@ class Shapes:
     zeroshot_per_class: int = 20
 
     def config(self) -> synthetic.ShapesConfig:
-        fields = asdict(self)
-        fields.pop("root")
-        return synthetic.ShapesConfig(**fields)
+        return synthetic.ShapesConfig(**{k: v for k, v in asdict(self).items() if k != "root"})
 
     def resolve_root(self) -> Path:
         return Path(self.root).expanduser() if self.root else synthetic.default_root(self.config())
@@ -105,16 +99,12 @@ class WebDataModule(pl.LightningDataModule):
         self.model_cfg = model_cfg
         self.distill = distill
         self.zeroshot_sets: list[str] = []  # the default sets of ZeroShotEvaluation (the CLI passes them)
-        self.train_sources = self.val_urls = None
         # expanded once, here: a typo fails at start, not at the first batch
-        if train_shards is not None:
-            self._expand(train_shards, train=True)
-        if val_shards is not None:
-            self._expand(val_shards, train=False)
+        self.train_sources = expand_sources(train_shards) if train_shards is not None else None
+        self.val_urls = _urls(val_shards)
         if shapes is not None:  # its shards are written by prepare_data, expanded in setup
             root = shapes.resolve_root()
-            self._shapes_specs = (str(root / "train" / _brace(shapes.train_samples, "train")),
-                                  None if val_shards else str(root / "val" / _brace(shapes.val_samples, "val")))
+            self._shapes_specs = (str(root / "train" / "*.tar"), None if val_shards else str(root / "val" / "*.tar"))
             self.zeroshot_sets = [str(root / "zeroshot")]
         self.val_shards = val_shards or (self._shapes_specs[1] if shapes is not None else None)
         keys = [caption_key] if isinstance(caption_key, str) else list(caption_key)
@@ -123,13 +113,6 @@ class WebDataModule(pl.LightningDataModule):
             raise ValueError(f"caption_key has {len(keys)} entries for {sources} sources")
         self.caption_keys = keys * sources if len(keys) == 1 else keys
         self.val_caption_key = val_caption_key or keys[0]
-
-    def _expand(self, spec: str, train: bool) -> None:
-        sources = expand_sources(spec)
-        if train:
-            self.train_sources = sources
-        else:
-            self.val_urls = [url for source in sources for url in source]
 
     def prepare_data(self) -> None:
         if self.shapes is not None:
@@ -147,10 +130,8 @@ class WebDataModule(pl.LightningDataModule):
         self.tokenizer = factory.create_tokenizer(self.model_cfg)
         self.teacher_tokenizer = teacher_tokenizer(self.distill, self.model_cfg)
         if self.train_sources is None:  # the shapes data, written by prepare_data
-            train, val = self._shapes_specs
-            self._expand(train, train=True)
-            if val is not None:
-                self._expand(val, train=False)
+            self.train_sources = expand_sources(self._shapes_specs[0])
+            self.val_urls = self.val_urls or _urls(self._shapes_specs[1])
         size = factory.preprocess_cfg(self.model_cfg)["size"]
         self.min_side = max(size) if isinstance(size, (tuple, list)) else size  # JPEG DCT-scaled decode
 
@@ -193,6 +174,5 @@ class WebDataModule(pl.LightningDataModule):
                              max_pixels=self.max_image_pixels, min_side=self.min_side)
 
 
-def _brace(n: int, split: str) -> str:
-    shards = max(1, math.ceil(n / synthetic.ShapesConfig.samples_per_shard))
-    return f"shapes-{split}-{{000000..{shards - 1:06d}}}.tar"
+def _urls(spec: str | None) -> list[str] | None:
+    return None if spec is None else [url for source in expand_sources(spec) for url in source]

@@ -1,31 +1,11 @@
 """Shards -> batches: one builder per purpose, as open_clip's ``get_wds_dataset``, all reading samples
-through ``clip_hvt.data.sample`` (one reader, one decoder, one list of skip reasons).
-
-API (every batch is a dict; ``batch["skipped"]`` is a LongTensor of skip counts, one per key of
-``sample.SKIP_REASONS`` in order, met since the previous batch of the same worker, so summed over
-all batches the counts are exact):
-
-    train_loader(sources, transform, tokenizer, batch_size, num_batches, ...) -> loader
-        Endless weighted resampling of ``sources`` (lists of shard URLs); batches ``{"image", "text",
-        "skipped"}``, ``num_batches`` rounded up to a multiple of the workers, the same on every rank.
-    eval_loader(urls, transform, batch_size, task, rank=0, world_size=1, ...) -> loader
-        Each shard read once; rank ``rank`` of ``world_size`` reads a disjoint share, the shares
-        together cover the set (shards split by rank, then by worker; by sample where there are
-        fewer shards than readers). Nothing is held between batches. ``task="classification"``:
-        ``{"image", "label", "skipped"}`` (``cls`` checked against ``num_classes``);
-        ``task="retrieval"``: ``{"image", "captions", "skipped"}`` with every caption of each
-        image (``caption_key`` ``json.captions`` gives COCO's five), plus ``"text"`` (the first
-        caption of each, tokenized) when a ``tokenizer`` is given. A worker's last batch holds no
-        image when only skips are left to report (``len(batch["image"]) == 0``).
-    split_normalize(transform) / normalize_uint8(images, mean, std)
-        Run open_clip's transform without its last two steps in the workers (uint8 out), normalize
-        whole batches on the device.
-
-Usable without Lightning; ``WebDataModule`` and ``clip_hvt.eval`` (which also reads the evaluation
-sets' class names and templates, ``load_set``) are built on it.
+through ``clip_hvt.data.sample``. Every batch is a dict whose ``skipped`` is a LongTensor of skip counts
+(one per ``SKIP_REASONS`` key, since the worker's previous batch: summed over batches they are exact).
+Usable without Lightning; ``WebDataModule`` and ``clip_hvt.eval`` are built on it.
 """
 from __future__ import annotations
 
+import itertools
 import math
 import random
 from functools import partial
@@ -34,9 +14,11 @@ from typing import Callable, Iterator, Literal, Sequence
 import numpy as np
 import torch
 import torchvision.transforms as T
+import torchvision.transforms.functional as TF
 import webdataset as wds
 
-from .sample import MAX_IMAGE_PIXELS, SkipCounter, SkipSample, captions, decode_sample, label, npy, read_tar, where
+from .sample import (MAX_IMAGE_PIXELS, TARGET_MEMBERS, SkipCounter, SkipSample, captions, decode_sample, label, npy,
+                     read_tar, where)
 from .shards import WeightedResampledShards
 
 
@@ -76,7 +58,7 @@ def caption_and_targets(sample: dict, rng: random.Random, keys: Sequence[str]) -
     """``random_caption``'s caption with the teacher's stored embeddings of the image and of that caption
     (``teacher_image.npy`` [D], ``teacher_text.npy`` [captions, D]; see ``clip_hvt.data.teacher_features``)."""
     texts = captions(sample, keys[sample.get("__source__", 0)])
-    image_emb, text_emb = npy(sample, "teacher_image.npy"), npy(sample, "teacher_text.npy")
+    image_emb, text_emb = (npy(sample, member) for member in TARGET_MEMBERS)
     text_emb = text_emb.reshape(-1, text_emb.shape[-1]) if text_emb.ndim else text_emb
     if image_emb.ndim != 1 or text_emb.shape != (len(texts), image_emb.shape[0]):
         raise SkipSample("no_teacher_target", f"shapes {image_emb.shape}, {text_emb.shape} for {len(texts)} caption(s)")
@@ -104,10 +86,11 @@ def train_loader(sources: list[list[str]], transform: Callable, tokenizer: Calla
                  caption_keys: Sequence[str] = ("txt",), shuffle: int = 2000, seed: int = 0, rank: int = 0,
                  step: int = 0, max_pixels: int = MAX_IMAGE_PIXELS, min_side: int = 0,
                  teacher_targets: bool = False, teacher_tokenizer: Callable | None = None) -> wds.WebLoader:
-    """Endless resampled training batches; see the module docstring. ``step`` (the global step at
-    (re)start) joins the seeds, so a resumed run does not replay the order of the run it resumes.
-    ``teacher_targets``: batches also carry the stored ``teacher_image_emb`` / ``teacher_text_emb``;
-    ``teacher_tokenizer``: and ``teacher_text``, the captions tokenized the teacher's way."""
+    """Endless weighted resampling of ``sources``: batches ``{"image", "text", "skipped"}``, ``num_batches``
+    rounded up to a multiple of the workers, the same on every rank. ``step`` (the global step at (re)start)
+    joins the seeds, so a resumed run does not replay the order of the run it resumes. ``teacher_targets``:
+    batches also carry the stored ``teacher_image_emb`` / ``teacher_text_emb``; ``teacher_tokenizer``: and
+    ``teacher_text``, the captions tokenized the teacher's way."""
     counter = SkipCounter()
     workers = max(1, num_workers)
     per_worker = math.ceil(num_batches / workers)  # with_epoch counts per worker: same total on every rank
@@ -147,9 +130,7 @@ def _eval_samples(urls: Sequence[str], rank: int, world_size: int, counter: Skip
     mine, every, offset = share(urls, rank, world_size, *((info.id, info.num_workers) if info else (0, 1)))
     # readers that read the same shards: only the first counts their shard errors
     samples = read_shards(({"url": u} for u in mine), counter, count_shard_errors=offset == 0, read=read)
-    for i, sample in enumerate(samples):
-        if i % every == offset:
-            yield sample
+    yield from itertools.islice(samples, offset, None, every)
 
 
 def _eval_batches(items: Iterator[tuple], batch_size: int, collate_fn: Callable, counter: SkipCounter) -> Iterator[dict]:
@@ -182,11 +163,11 @@ def eval_loader(urls: Sequence[str], transform: Callable, batch_size: int,
                 num_workers: int = 0, num_classes: int | None = None, caption_key: str = "txt",
                 tokenizer: Callable | None = None, max_pixels: int = MAX_IMAGE_PIXELS,
                 min_side: int = 0, read: Callable[..., Iterator[dict]] = read_tar) -> wds.WebLoader:
-    """This rank's share of an evaluation set, streamed in batches; see the module docstring.
-
-    ``min_side`` > 0 lets JPEGs decode at a reduced DCT scale (validation during training); the
-    default decodes every image in full, as a plain ``PIL.Image.open`` would.
-    """
+    """This rank's share (see ``share``) of an evaluation set, each shard read once, in batches:
+    ``{"image", "label", "skipped"}`` (classification) or ``{"image", "captions", "skipped"}`` with every
+    caption of each image, plus ``"text"`` (the first caption, tokenized) given a ``tokenizer``. A
+    worker's last batch holds no image when only skips are left to report. ``min_side`` > 0 lets
+    JPEGs decode at a reduced DCT scale (validation during training)."""
     if task == "classification":
         target, key = (lambda sample, rng: label(sample, num_classes)), "label"
     elif task == "retrieval":
@@ -205,12 +186,9 @@ def eval_loader(urls: Sequence[str], transform: Callable, batch_size: int,
 
 
 def split_normalize(transform):
-    """Split open_clip's ``[..., ToTensor, Normalize]`` into a uint8 part and (mean, std).
-
-    Loader workers then ship uint8 images (4x less inter-process traffic) and whole batches are
-    normalized on the device; the arithmetic is ToTensor's and Normalize's. Returns None for a
-    transform of another shape (the full transform is used then).
-    """
+    """Split open_clip's ``[..., ToTensor, Normalize]`` into a uint8 part and (mean, std), so workers ship
+    uint8 images (4x less inter-process traffic) and batches are normalized on the device; None for a
+    transform of another shape (the full transform is used then)."""
     steps = getattr(transform, "transforms", None)
     if not steps or len(steps) < 2 or not isinstance(steps[-2], T.ToTensor) or not isinstance(steps[-1], T.Normalize):
         return None
@@ -219,7 +197,4 @@ def split_normalize(transform):
 
 def normalize_uint8(images: torch.Tensor, mean, std) -> torch.Tensor:
     """ToTensor (/255) then Normalize, batched, on whatever device ``images`` is on."""
-    shape = (1, -1, 1, 1)
-    mean = torch.as_tensor(mean, dtype=torch.float32, device=images.device).view(shape)
-    std = torch.as_tensor(std, dtype=torch.float32, device=images.device).view(shape)
-    return images.float().div_(255).sub_(mean).div_(std)
+    return TF.normalize(images.float().div_(255), mean, std, inplace=True)

@@ -1,23 +1,14 @@
-"""What a sample is, and why one is skipped: the one set of rules every reader of shards imports.
+"""What a sample is, and why one is skipped: the one set of rules every reader of shards imports
+(training, evaluation, the checker, the converters), so they agree by construction.
 
-The training loader, validation, zero-shot and retrieval evaluation, the shard checker and the
-converters all read and decode through this module, so they agree by construction:
+Members are ``dir/key.ext`` (webdataset's ``base_plus_ext``, extensions lower-case); ``__``-prefixed
+file names (``__meta__.json``) are metadata and ignored; consecutive members with one key form a
+sample. The image is the first of ``IMAGE_KEYS``, decoded by Pillow under ``MAX_IMAGE_PIXELS``;
+nothing is unpickled (``PICKLE_SUFFIXES`` drop the sample); captions are ``txt`` or ``json.<field>``,
+labels the integer text of ``cls``. Every skip has a ``SKIP_REASONS`` name.
 
-- member names (``MEMBER RULES``): ``dir/key.ext`` with the key up to the first dot of the file
-  name (webdataset's ``base_plus_ext``), extensions compared lower-case; a member whose file name
-  starts with ``__`` (``__meta__.json``, ``__index__``) is metadata and ignored; consecutive members
-  with one key form a sample;
-- images: the first of ``IMAGE_KEYS`` present, decoded by Pillow only, refused above
-  ``MAX_IMAGE_PIXELS`` (one setting; callers pass another limit explicitly);
-- nothing is ever unpickled: a member with a suffix in ``PICKLE_SUFFIXES`` drops its sample;
-- captions are UTF-8 text (``txt``) or a JSON field (``json.<field>``, a list gives several);
-  labels are the integer text of ``cls``;
-- every reason a sample or shard is skipped is a key of ``SKIP_REASONS``, with its meaning.
-
-The tar reader is hand-written over ``tarfile`` because webdataset's hands on the partial sample of
-a shard that breaks mid-stream and calls its handler once per failed read, so counts would not be
-exact. Only complete samples leave it; a shard that cannot be read to its end counts one
-``corrupt_shard`` (the samples before the break are kept; the rest of the shard is lost, uncounted).
+The tar reader is hand-written over ``tarfile`` because webdataset's hands on the partial sample of a
+shard that breaks mid-stream and calls its handler once per failed read, so counts would not be exact.
 """
 from __future__ import annotations
 
@@ -55,6 +46,7 @@ SKIP_REASONS = {  # new reasons go at the end: checkpoints of SkipMonitor store 
 MAX_IMAGE_PIXELS = 64_000_000  # images with more pixels are skipped; 8k x 8k, far above any training size
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
 PICKLE_SUFFIXES = ("pyd", "pickle", "pkl", "pth", "pt")
+TARGET_MEMBERS = ("teacher_image.npy", "teacher_text.npy")  # stored teacher targets: image [D], captions [n, D]
 
 
 class SkipSample(Exception):
@@ -87,7 +79,6 @@ class SkipCounter:
         return counts
 
 
-# ---------------------------------------------------------------------------------------------
 # member rules and the tar reader
 
 def split_member(name: str) -> tuple[str, str] | None:
@@ -98,17 +89,10 @@ def split_member(name: str) -> tuple[str, str] | None:
     return key, ext.lower()
 
 
-def is_pickle_like(ext: str) -> bool:
-    return ext.rsplit(".", 1)[-1] in PICKLE_SUFFIXES
-
-
 def read_tar(url: str, **extra) -> Iterator[dict]:
-    """Complete samples ``{"__key__", "__url__", **extra, ext: bytes}`` of one shard, in order.
-
-    Raises ``SkipSample("corrupt_shard")`` where the shard breaks, after the samples before it.
-    A sample goes on once the next header shows a new key, or the archive ends cleanly; one with a
-    repeated extension is marked (``__duplicate__``) so that decoding skips it.
-    """
+    """Complete samples ``{"__key__", "__url__", **extra, ext: bytes}`` of one shard, in order; raises
+    ``SkipSample("corrupt_shard")`` where the shard breaks, after the samples before it (the rest is lost,
+    uncounted). A sample with a repeated extension is marked (``__duplicate__``) so that decoding skips it."""
     sample = None
     try:  # open_url: a missing file or a failed remote command is this shard's read error
         with open_url(url) as stream, tarfile.open(fileobj=stream, mode="r|*") as tar:
@@ -141,16 +125,11 @@ def where(sample: dict) -> str:
     return f"{sample.get('__url__', '?')}:{sample.get('__key__', '?')}"
 
 
-# ---------------------------------------------------------------------------------------------
 # decoding: image, captions, label
 
 def open_image(data: bytes, max_pixels: int = MAX_IMAGE_PIXELS, min_side: int = 0) -> tuple[Image.Image, tuple]:
-    """Image bytes fully decoded by Pillow, and the size stored in the file.
-
-    With ``min_side``, a JPEG may be decoded at a DCT scale that keeps its shorter side >= ``min_side``
-    (far faster than a full decode and a resize). Raises ``SkipSample`` (``image_too_large``,
-    ``undecodable_image``); the mode is the file's (callers convert).
-    """
+    """Image bytes fully decoded by Pillow (the file's mode), and the size stored in the file; with
+    ``min_side``, a JPEG may decode at a DCT scale keeping its shorter side >= ``min_side`` (far faster)."""
     try:
         with warnings.catch_warnings():
             # PIL warns above its own default limit; ours is the one compared explicitly below
@@ -202,6 +181,11 @@ def captions(sample: dict, key: str = "txt") -> list[str]:
         values = value if isinstance(value, list) else [value]
         if not values or not all(isinstance(v, str) for v in values):
             raise SkipSample("no_caption", f"json '{field}' is not a string or a list of strings")
+    return nonempty(values)
+
+
+def nonempty(values) -> list[str]:
+    """The captions stripped, empty ones dropped; ``empty_caption`` when none is left."""
     kept = [v.strip() for v in values if v.strip()]
     if not kept:
         raise SkipSample("empty_caption")
@@ -235,11 +219,9 @@ def label(sample: dict, num_classes: int | None = None) -> int:
 
 
 def decode_sample(sample: dict, target, max_pixels: int = MAX_IMAGE_PIXELS, min_side: int = 0):
-    """(RGB image, ``target(sample)``), or ``SkipSample`` with the one reason every reader counts.
-
-    Checked in this order: members (pickle-like, duplicate), the target (caption or label), the image.
-    """
-    pickled = [k for k in sample if not k.startswith("__") and is_pickle_like(k)]
+    """(RGB image, ``target(sample)``), or ``SkipSample`` with the one reason every reader counts; checked
+    in this order: members (pickle-like, duplicate), the target (caption or label), the image."""
+    pickled = [k for k in sample if not k.startswith("__") and k.rsplit(".", 1)[-1] in PICKLE_SUFFIXES]
     if pickled:
         raise SkipSample("pickle_member", ", ".join(pickled))
     if "__duplicate__" in sample:

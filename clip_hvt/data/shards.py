@@ -1,11 +1,7 @@
-"""Shard lists: expand URL specs, check them at start, open shards, count their samples.
-
-A spec is webdataset's: brace expansion (``train-{000000..000099}.tar``) and ``::`` between
-sources (``a-{0..9}.tar::b-{0..4}.tar``). A shard is a local path or a URL that webdataset's
-``gopen`` opens (``http(s)://``, ``gs://``, ``hf://``, ``pipe:COMMAND`` ...). Counts come from
-``sizes.json`` beside the shards (open_clip's convention: shard basename -> samples) or, for
-img2dataset output, from its ``NNNNN_stats.json`` files; beside remote shards they are fetched
-once, through the same ``gopen``.
+"""Shard lists: expand webdataset specs (braces, ``::`` between sources) and check them at start, open
+shards with webdataset's ``gopen`` (local, ``http(s)://``, ``gs://``, ``hf://``, ``pipe:COMMAND`` ...),
+count samples from ``sizes.json`` beside the shards (open_clip's convention) or img2dataset's
+``NNNNN_stats.json`` files (beside remote shards fetched once, through ``gopen``).
 """
 from __future__ import annotations
 
@@ -20,7 +16,6 @@ import re
 import shutil
 import subprocess
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from typing import BinaryIO, Iterator, Sequence
 from urllib.parse import urlparse
 
@@ -37,6 +32,7 @@ log = logging.getLogger(__name__)
 # tool is one clear error instead of every shard failing as corrupt.
 _SCHEME_TOOLS = {"http": "curl", "https": "curl", "sftp": "curl", "ftps": "curl", "scp": "curl",
                  "htgs": "curl", "hf": "curl", "gs": "gsutil", "ais": "ais"}
+SIZES_FILE = "sizes.json"  # open_clip's: shard file name -> samples
 _EXIT_WAIT_S = 60.0  # a command that has written all of a shard must exit within this
 
 
@@ -54,12 +50,8 @@ def _local_path(url: str) -> str:
 
 
 def check_scheme(pattern: str, url: str) -> None:
-    """Refuse at start what ``gopen`` cannot open, with the command that does.
-
-    ``s3://`` is refused, not rewritten to a command: which tool (aws, s5cmd), profile and
-    ``--endpoint-url`` (R2, MinIO) are the user's choice, and ``pipe:`` is the one way webdataset
-    and open_clip users already write it.
-    """
+    """Refuse at start what ``gopen`` cannot open, with the command that does. ``s3://`` is refused, not
+    rewritten: the tool (aws, s5cmd), profile and ``--endpoint-url`` (R2, MinIO) are the user's choice."""
     kind = scheme(url)
     if kind in ("", "file") or kind in gopen_schemes:
         tool = _SCHEME_TOOLS.get(kind)
@@ -78,12 +70,8 @@ def check_scheme(pattern: str, url: str) -> None:
 
 
 def expand_sources(spec: str | Sequence[str]) -> list[list[str]]:
-    """Split a spec on ``::`` into sources and brace-expand each; local paths must exist.
-
-    Raises ``FileNotFoundError`` naming the pattern and what the directory holds when a
-    local pattern matches nothing, so a typo stops the run at once instead of at step 0.
-    Remote shards are not probed (one request per shard); their scheme and its tool are checked.
-    """
+    """Split a spec on ``::`` into sources and brace-expand each. Local shards must exist (a typo stops
+    the run at once, naming what the directory holds); remote ones are not probed, only their scheme."""
     parts = spec.split("::") if isinstance(spec, str) else list(spec)
     sources = []
     for part in parts:
@@ -129,13 +117,9 @@ class ShardReadError(OSError):
 
 @contextlib.contextmanager
 def open_url(url: str) -> Iterator[BinaryIO]:
-    """Open a shard (or a file beside it) for reading with webdataset's ``gopen``.
-
-    What gopen's ``Pipe`` lacks for a run over thousands of remote shards: a failed command raises
-    one ``ShardReadError`` naming the command and its exit status (gopen raises only if a read
-    happens to see the exit, and otherwise at close or in ``__del__``); a reader that stops early
-    (epoch end) ends the command instead of waiting for it and reporting its broken pipe.
-    """
+    """Open a shard (or a file beside it) with webdataset's ``gopen``, adding what its ``Pipe`` lacks: a
+    failed command raises one ``ShardReadError`` naming it and its exit status (gopen raises only if a
+    read sees the exit, else at close or in ``__del__``); a reader that stops early ends the command."""
     stream = wds.gopen(url)
     if not isinstance(stream, Pipe):
         with stream:
@@ -239,18 +223,13 @@ def _stats_count(url: str) -> tuple[int | None, str]:
     return (int(table["successes"]), "") if table else (None, f"{stats_url}: {why}")
 
 
-def shard_sizes(urls: Sequence[str]) -> dict[str, int] | None:
-    """Samples per shard from ``sizes.json`` or img2dataset stats files; None if unknown."""
-    return _sizes(urls)[0]
-
-
-def _sizes(urls: Sequence[str]) -> tuple[dict[str, int] | None, str]:
-    """``shard_sizes`` and, when unknown, why (what was tried)."""
+def shard_sizes(urls: Sequence[str]) -> tuple[dict[str, int] | None, str]:
+    """Samples per shard from ``sizes.json`` or img2dataset stats files; (None, what was tried) if unknown."""
     sizes: dict[str, int] = {}
     unlisted = []
     tables: dict[str, dict] = {}  # one read of each directory's sizes.json, not one per shard
     for url in urls:
-        sizes_url = beside(url, "sizes.json")
+        sizes_url = beside(url, SIZES_FILE)
         if sizes_url is None:
             return None, "no word ending in .tar in the command, so no file beside it can be named"
         if sizes_url not in tables:
@@ -282,7 +261,7 @@ def count_samples(sources: list[list[str]]) -> int:
     """Total samples over all sources; a clear error when a shard has no recorded count."""
     total = 0
     for urls in sources:
-        sizes, why = _sizes(urls)
+        sizes, why = shard_sizes(urls)
         if sizes is None:
             raise ValueError(
                 f"no sample count for shards like '{urls[0]}': {why}. "
@@ -293,29 +272,11 @@ def count_samples(sources: list[list[str]]) -> int:
     return total
 
 
-@dataclass
-class ShardSplit:
-    """Which part of a finite shard list this process and worker read: explicit, no env guessing."""
-    rank: int = 0
-    world_size: int = 1
-
-    def __call__(self, shards: Iterator[dict]) -> Iterator[dict]:
-        info = torch.utils.data.get_worker_info()
-        worker, num_workers = (info.id, info.num_workers) if info else (0, 1)
-        mine, every = self.rank * num_workers + worker, self.world_size * num_workers
-        for i, shard in enumerate(shards):
-            if i % every == mine:
-                yield shard
-
-
 class WeightedResampledShards(torch.utils.data.IterableDataset):
-    """Endless shard URLs: pick a source by weight, then a shard of it uniformly.
-
-    Hand-written because webdataset's ``ResampledShards`` has no per-source weights, and mixing at
-    shard level keeps one decoding pipeline. The seed mixes base seed, rank, worker, a
-    ``stream_offset`` (the global step at (re)start) and the pass number, so ranks and epochs
-    differ and a resumed run does not replay the order of the run it resumes.
-    """
+    """Endless shard URLs: a source picked by weight, then one of its shards uniformly (webdataset's
+    ``ResampledShards`` has no per-source weights). The seed mixes base seed, rank, worker, a
+    ``stream_offset`` (the global step at (re)start) and the pass number: ranks and epochs differ and a
+    resumed run does not replay the order of the run it resumes."""
 
     def __init__(self, sources: list[list[str]], weights: Sequence[float] | None = None,
                  seed: int = 0, rank: int = 0, stream_offset: int = 0):

@@ -1,21 +1,11 @@
 """Embedded default data: procedural shapes with captions, as WebDataset shards. No network.
 
-Each image is one coloured shape (5 shapes x 6 colours, 3 sizes, 5 positions) on a textured
-background; its caption names colour and shape among distractors (size, position, background) in
-varied wording. Everything is a pure function of the seed. The zero-shot set has one class per
-(colour, shape) pair, with prompt templates unlike the training captions, on fresh samples.
-
-Layout written under ``root``::
-
-    train/shapes-train-000000.tar ... + sizes.json
-    val/shapes-val-000000.tar ...     + sizes.json
-    zeroshot/shapes-zeroshot-000000.tar (jpg, cls) + sizes.json, classnames.json, templates.json
-    manifest.json                     (the parameters; written last, marks the set complete)
-
-Written anywhere (e.g. to share one copy between jobs) by ``python -m clip_hvt.data.synthetic --out DIR``.
-
-The set is written into a temporary sibling and renamed into place. Only an empty directory or an
-earlier shapes set (recognised by its manifest) is ever replaced; other files there raise an error.
+Each image is one coloured shape on a textured background; its caption names colour and shape among
+distractors (size, position, background) in varied wording; everything is a pure function of the seed.
+The zero-shot set has one class per (colour, shape) on fresh samples, with other prompt templates.
+Layout: ``train/``, ``val/`` (jpg, txt, json), ``zeroshot/`` (jpg, cls; classnames.json, templates.json),
+each with sizes.json, and ``manifest.json`` (the parameters, written last). The set is written into a
+temporary sibling and renamed into place; only an empty directory or an earlier shapes set is replaced.
 """
 from __future__ import annotations
 
@@ -27,6 +17,7 @@ import math
 import os
 import random
 import shutil
+from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -34,6 +25,7 @@ import webdataset as wds
 from PIL import Image, ImageDraw
 
 from ..cli import UserError, run
+from .shards import SIZES_FILE
 
 log = logging.getLogger(__name__)
 
@@ -72,16 +64,17 @@ class ShapesConfig:
     version: int = 2  # bump when rendering or the file layout changes, so caches regenerate
 
 
+# regular polygons: (corners, first corner's angle, angle step as (multiple of pi) / divisor, inner radius)
+_POLYGONS = {"square": (4, math.pi / 4, 1, 2, 1.0), "triangle": (3, -math.pi / 2, 2, 3, 1.0),
+             "star": (10, -math.pi / 2, 1, 5, 0.45)}
+
+
 def _polygon(shape: str, cx: float, cy: float, r: float, angle: float) -> list[tuple[float, float]]:
-    if shape == "square":
-        pts = [(math.cos(angle + math.pi / 4 + k * math.pi / 2), math.sin(angle + math.pi / 4 + k * math.pi / 2))
-               for k in range(4)]
-    elif shape == "triangle":
-        pts = [(math.cos(angle - math.pi / 2 + k * 2 * math.pi / 3), math.sin(angle - math.pi / 2 + k * 2 * math.pi / 3))
-               for k in range(3)]
-    elif shape == "star":
-        pts = [((1.0 if k % 2 == 0 else 0.45) * math.cos(angle - math.pi / 2 + k * math.pi / 5),
-                (1.0 if k % 2 == 0 else 0.45) * math.sin(angle - math.pi / 2 + k * math.pi / 5)) for k in range(10)]
+    if shape in _POLYGONS:
+        n, start, turn, divisor, inner = _POLYGONS[shape]
+        angles = [angle + start + k * turn * math.pi / divisor for k in range(n)]
+        pts = [((1.0 if k % 2 == 0 else inner) * math.cos(a), (1.0 if k % 2 == 0 else inner) * math.sin(a))
+               for k, a in enumerate(angles)]
     else:  # cross: a plus sign of arm width 0.35r
         w = 0.35
         base = [(-w, -1), (w, -1), (w, -w), (1, -w), (1, w), (w, w), (w, 1), (-w, 1), (-w, w), (-1, w), (-1, -w), (-w, -w)]
@@ -141,15 +134,14 @@ def _jpeg(img: Image.Image) -> bytes:
 
 def _write_split(out: Path, split: str, samples, per_shard: int) -> None:
     out.mkdir(parents=True)
-    sizes: dict[str, int] = {}
+    sizes = Counter()
     # Raw bytes only (encoder=False: no pickling of any key) and a fixed mtime: same seed, same bytes.
     with wds.ShardWriter(str(out / f"shapes-{split}-%06d.tar"), maxcount=per_shard, verbose=0,
                          encoder=False, mtime=0.0) as sink:
         for i, sample in enumerate(samples):
             sink.write({"__key__": f"{split}{i:08d}", **sample})
-            name = os.path.basename(sink.fname)
-            sizes[name] = sizes.get(name, 0) + 1
-    (out / "sizes.json").write_text(json.dumps(sizes, indent=1))
+            sizes[os.path.basename(sink.fname)] += 1
+    (out / SIZES_FILE).write_text(json.dumps(sizes, indent=1))
 
 
 def _pairs(rng: random.Random, n: int, image_size: int):
@@ -171,15 +163,10 @@ LAYOUT = frozenset({"train", "val", "zeroshot", "manifest.json"})  # all that a 
 
 def is_shapes_set(root: str | os.PathLike) -> bool:
     """True if ``root`` holds a shapes set written by this module (any version), and nothing else."""
-    root = Path(root)
-    try:
-        manifest = json.loads((root / "manifest.json").read_text())
-        names = {p.name for p in root.iterdir()}
-    except (OSError, ValueError):
-        return False
+    manifest = _manifest(Path(root))
     # Every version's manifest is asdict(ShapesConfig): a dict with an integer version and seed.
     return (isinstance(manifest, dict) and isinstance(manifest.get("version"), int)
-            and isinstance(manifest.get("seed"), int) and names <= LAYOUT)
+            and isinstance(manifest.get("seed"), int) and {p.name for p in Path(root).iterdir()} <= LAYOUT)
 
 
 def _check_replaceable(root: Path) -> None:
@@ -195,11 +182,8 @@ def _check_replaceable(root: Path) -> None:
 
 
 def generate(root: str | os.PathLike, cfg: ShapesConfig = ShapesConfig()) -> Path:
-    """Write the shard set under ``root`` (into a temp dir, renamed when complete).
-
-    ``root`` must be absent, empty or hold a shapes set (which is replaced); anything else raises
-    FileExistsError and is left untouched.
-    """
+    """Write the set under ``root`` (into a temp dir, renamed when complete). ``root`` must be absent, empty
+    or hold a shapes set (which is replaced); anything else raises FileExistsError and is left untouched."""
     given = Path(root)
     # Absolute, so the temp sibling lands next to it; through a link, replace the linked directory.
     root = Path(os.path.realpath(given) if given.is_symlink() else os.path.abspath(given))
@@ -208,12 +192,11 @@ def generate(root: str | os.PathLike, cfg: ShapesConfig = ShapesConfig()) -> Pat
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         # Separate streams per split: changing one split's size never changes another's samples.
-        _write_split(tmp / "train", "train", _pairs(random.Random(f"{cfg.seed}-train"), cfg.train_samples,
-                                                    cfg.image_size), cfg.samples_per_shard)
-        _write_split(tmp / "val", "val", _pairs(random.Random(f"{cfg.seed}-val"), cfg.val_samples, cfg.image_size),
-                     cfg.samples_per_shard)
-        _write_split(tmp / "zeroshot", "zeroshot", _zeroshot(random.Random(f"{cfg.seed}-zs"), cfg.zeroshot_per_class,
-                                                             cfg.image_size), cfg.samples_per_shard)
+        for split, samples in (("train", _pairs(random.Random(f"{cfg.seed}-train"), cfg.train_samples, cfg.image_size)),
+                               ("val", _pairs(random.Random(f"{cfg.seed}-val"), cfg.val_samples, cfg.image_size)),
+                               ("zeroshot", _zeroshot(random.Random(f"{cfg.seed}-zs"), cfg.zeroshot_per_class,
+                                                      cfg.image_size))):
+            _write_split(tmp / split, split, samples, cfg.samples_per_shard)
         (tmp / "zeroshot" / "classnames.json").write_text(json.dumps(list(CLASSNAMES), indent=1))
         (tmp / "zeroshot" / "templates.json").write_text(json.dumps(list(ZEROSHOT_TEMPLATES), indent=1))
         (tmp / "manifest.json").write_text(json.dumps(asdict(cfg), indent=1))
@@ -241,18 +224,18 @@ def _replace(root: Path, tmp: Path, cfg: ShapesConfig) -> None:
 
 
 def is_complete(root: str | os.PathLike, cfg: ShapesConfig) -> bool:
+    return _manifest(Path(root)) == asdict(cfg)
+
+
+def _manifest(root: Path):
     try:
-        return json.loads((Path(root) / "manifest.json").read_text()) == asdict(cfg)
-    except (OSError, ValueError):  # missing or unreadable: not complete
-        return False
+        return json.loads((root / "manifest.json").read_text())
+    except (OSError, ValueError):  # missing or unreadable
+        return None
 
 
 def ensure(root: str | os.PathLike, cfg: ShapesConfig = ShapesConfig()) -> Path:
-    """Generate the set under ``root`` unless a complete one with the same parameters is there.
-
-    An empty directory or another shapes set there is replaced; a directory with other files raises
-    FileExistsError (see ``generate``).
-    """
+    """Generate the set under ``root`` unless a complete one with the same parameters is there (see ``generate``)."""
     if not is_complete(root, cfg):
         log.info("generating the embedded shapes data set into %s (one time)", root)
         generate(root, cfg)
@@ -269,10 +252,8 @@ def default_root(cfg: ShapesConfig) -> Path:
 
 def make_shapes(out: str, seed: int = 0, image_size: int = 72, train_samples: int = 20000, val_samples: int = 1000,
                 zeroshot_per_class: int = 20) -> None:
-    """Write the embedded shapes data set (train/val image-caption shards, a zero-shot set) to ``out``.
-
-    Deterministic by seed; no network. ``out`` must be new, empty, or hold a shapes set written here
-    before (replaced when the parameters differ); a directory with other files is refused and kept.
+    """Write the embedded shapes data set (train/val image-caption shards, a zero-shot set) to ``out``: new,
+    empty, or a shapes set written here before (replaced when the parameters differ); other files are kept.
 
     Args:
         out: output directory.

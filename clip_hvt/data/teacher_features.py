@@ -1,14 +1,10 @@
-"""Stored teacher targets: copy shards adding each sample's teacher embeddings, so that distillation
-reads targets instead of running the teacher (MobileCLIP's reinforced data, without augmentations).
+"""Stored teacher targets: copy shards adding each sample's teacher embeddings, so distillation reads
+targets instead of running the teacher (MobileCLIP's reinforced data, without augmentations).
 
-``python -m clip_hvt.data.teacher_features --shards 'in/shard-{000000..000009}.tar' --out out/
---teacher runs/quickstart/export`` writes ``out/shard-000000.tar ...`` (same names, same members) with
-two more members per sample: ``teacher_image.npy`` (the teacher's unit image embedding, shape ``[D]``)
-and ``teacher_text.npy`` (one unit embedding per caption, ``[n, D]``, in the order
-``sample.captions`` returns them), float16, plain ``.npy`` (read with ``allow_pickle=False``), and
-``sizes.json``. The teacher sees each image through its own evaluation preprocessing. Samples the
-training reader would skip are left out and counted by reason; train with
-``model.distill.stored_targets true`` and the same ``caption_key``.
+Each sample gains ``teacher_image.npy`` (the teacher's unit image embedding, ``[D]``, through its own
+evaluation preprocessing) and ``teacher_text.npy`` (one per caption, ``[n, D]``, in ``sample.captions``
+order), float16 plain ``.npy``; shards keep their names, with ``sizes.json``. Samples the training
+reader would skip are left out and counted by reason. Train with ``model.distill.stored_targets true``.
 """
 from __future__ import annotations
 
@@ -25,11 +21,8 @@ import webdataset as wds
 
 from ..cli import UserError, run
 from ..distill import Distill, Teacher
-from .sample import SkipSample, captions, decode_sample, read_tar, where
-from .shards import expand_sources
-
-TARGET_MEMBERS = ("teacher_image.npy", "teacher_text.npy")
-
+from .sample import TARGET_MEMBERS, SkipSample, captions, decode_sample, read_tar, where
+from .shards import SIZES_FILE, expand_sources
 
 def npy_bytes(array: np.ndarray) -> bytes:
     buffer = io.BytesIO()
@@ -48,11 +41,24 @@ def _embed(teacher: Teacher, preprocess, batch: list, device: torch.device) -> l
     out, start = [], 0
     for (sample, _, caps), image in zip(batch, image_f):
         raw = {k: v for k, v in sample.items() if not k.startswith("__")}
-        raw["teacher_image.npy"] = npy_bytes(image)
-        raw["teacher_text.npy"] = npy_bytes(text_f[start:start + len(caps)])
+        raw[TARGET_MEMBERS[0]], raw[TARGET_MEMBERS[1]] = npy_bytes(image), npy_bytes(text_f[start:start + len(caps)])
         start += len(caps)
         out.append({"__key__": sample["__key__"], **raw})
     return out
+
+
+def _usable(url: str, caption_key: str, skipped: Counter):
+    """(sample, image, captions) of the samples of one shard the training reader would use; skips counted."""
+    try:
+        for sample in read_tar(url):
+            try:
+                yield (sample, *decode_sample(sample, lambda s: captions(s, caption_key)))
+            except SkipSample as skip:
+                skipped[skip.reason] += 1
+                print(f"skipped {where(sample)}: {skip}", file=sys.stderr)
+    except SkipSample as skip:  # a broken shard: what was read before the break is kept
+        skipped[skip.reason] += 1
+        print(f"skipped {skip}", file=sys.stderr)
 
 
 def add_teacher_features(shards: str, out: str, teacher: str, weights: str | None = None,
@@ -83,32 +89,13 @@ def add_teacher_features(shards: str, out: str, teacher: str, weights: str | Non
         open_clip.transform.PreprocessCfg(**model.model.visual.preprocess_cfg), is_train=False)
     skipped, sizes = Counter(), {}
     for url in urls:
-        written, batch = 0, []
         with wds.TarWriter(str(out_dir / Path(url).name)) as sink:
-            def flush():
-                nonlocal written
+            sizes[Path(url).name] = 0
+            for batch in wds.batched(batch_size, collation_fn=None)(_usable(url, caption_key, skipped)):
                 for sample in _embed(model, preprocess, batch, torch.device(device)):
                     sink.write(sample)
-                    written += 1
-                batch.clear()
-            try:
-                for sample in read_tar(url):
-                    try:
-                        img, caps = decode_sample(sample, lambda s: captions(s, caption_key))
-                    except SkipSample as skip:
-                        skipped[skip.reason] += 1
-                        print(f"skipped {where(sample)}: {skip}", file=sys.stderr)
-                        continue
-                    batch.append((sample, img, caps))
-                    if len(batch) == batch_size:
-                        flush()
-            except SkipSample as skip:  # a broken shard: what was read before the break is kept
-                skipped[skip.reason] += 1
-                print(f"skipped {skip}", file=sys.stderr)
-            if batch:
-                flush()
-        sizes[Path(url).name] = written
-    (out_dir / "sizes.json").write_text(json.dumps(sizes, indent=1))
+                sizes[Path(url).name] += len(batch)
+    (out_dir / SIZES_FILE).write_text(json.dumps(sizes, indent=1))
     total = sum(sizes.values())
     print(f"wrote {total} samples with teacher targets to {out_dir} ({len(sizes)} shards); skipped "
           + (", ".join(f"{k}={n}" for k, n in sorted(skipped.items())) or "none"))
