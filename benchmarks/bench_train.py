@@ -47,12 +47,14 @@ def _quickstart() -> tuple[dict, dict]:
 
 
 def _shapes_spec() -> str:
-    """The embedded shapes training shards (generated once by the quickstart / tests)."""
+    """The embedded shapes training shards (generated once by the quickstart / tests), as one brace
+    pattern: both sides read it as one source."""
     sys.path.insert(0, str(ROOT))
     from clip_hvt.data.datamodule import Shapes, WebDataModule
-    data = WebDataModule(shapes=Shapes(seed=0))
-    data.prepare_data()
-    return data.train_shards
+    shapes = Shapes(seed=0)
+    WebDataModule(shapes=shapes).prepare_data()
+    tars = sorted((shapes.resolve_root() / "train").glob("shapes-train-*.tar"))
+    return f"{tars[0].parent}/shapes-train-{{{tars[0].stem[-6:]}..{tars[-1].stem[-6:]}}}.tar"
 
 
 def ours_command(work: Path, tag: str, model_cfg: dict, hp: dict, args, steps: int) -> list[str]:
