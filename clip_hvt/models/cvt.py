@@ -51,7 +51,8 @@ import torch.utils.checkpoint
 
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import (
-    DropPath, Mlp, calculate_drop_path_rates, freeze_batch_norm_2d, to_ntuple, trunc_normal_, use_fused_attn)
+    DropPath, Mlp, calculate_drop_path_rates, freeze_batch_norm_2d, get_device_dtype, to_ntuple, trunc_normal_,
+    use_fused_attn)
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 from timm.models._features_fx import register_notrace_function, register_notrace_module
@@ -70,11 +71,12 @@ _CPU_SDPA_MIN_SCORES = 2 ** 20
 class ConvProjection(nn.Module):
     """ Depthwise conv + BatchNorm that turns a feature map into q, k or v tokens. """
 
-    def __init__(self, dim: int, kernel_size: int = 3, stride: int = 1):
+    def __init__(self, dim: int, kernel_size: int = 3, stride: int = 1, device=None, dtype=None):
         super().__init__()
+        dd = {'device': device, 'dtype': dtype}
         self.conv = nn.Conv2d(
-            dim, dim, kernel_size, stride=stride, padding=kernel_size // 2, groups=dim, bias=False)
-        self.bn = nn.BatchNorm2d(dim)
+            dim, dim, kernel_size, stride=stride, padding=kernel_size // 2, groups=dim, bias=False, **dd)
+        self.bn = nn.BatchNorm2d(dim, **dd)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not torch.jit.is_scripting():  # torchscript has no autocast state to ask
@@ -117,8 +119,11 @@ class ConvAttention(nn.Module):
             attn_drop: float = 0.,
             proj_drop: float = 0.,
             num_prefix_tokens: int = 0,
+            device=None,
+            dtype=None,
     ):
         super().__init__()
+        dd = {'device': device, 'dtype': dtype}
         assert dim % num_heads == 0, f'dim {dim} should be divided by num_heads {num_heads}.'
         self.num_heads = num_heads
         self.num_prefix_tokens = num_prefix_tokens
@@ -127,14 +132,14 @@ class ConvAttention(nn.Module):
         self.fused_attn = use_fused_attn()
         self.cpu_sdpa_min_scores = _CPU_SDPA_MIN_SCORES  # an attribute: torchscript reads no int globals
 
-        self.conv_proj_q = ConvProjection(dim, kernel_size, stride_q)
-        self.conv_proj_k = ConvProjection(dim, kernel_size, stride_kv)
-        self.conv_proj_v = ConvProjection(dim, kernel_size, stride_kv)
-        self.q = nn.Linear(dim, dim, bias=qkv_bias)
-        self.k = nn.Linear(dim, dim, bias=qkv_bias)
-        self.v = nn.Linear(dim, dim, bias=qkv_bias)
+        self.conv_proj_q = ConvProjection(dim, kernel_size, stride_q, **dd)
+        self.conv_proj_k = ConvProjection(dim, kernel_size, stride_kv, **dd)
+        self.conv_proj_v = ConvProjection(dim, kernel_size, stride_kv, **dd)
+        self.q = nn.Linear(dim, dim, bias=qkv_bias, **dd)
+        self.k = nn.Linear(dim, dim, bias=qkv_bias, **dd)
+        self.v = nn.Linear(dim, dim, bias=qkv_bias, **dd)
         self.attn_drop = attn_drop
-        self.proj = nn.Linear(dim, dim)
+        self.proj = nn.Linear(dim, dim, **dd)
         self.proj_drop = nn.Dropout(proj_drop)
 
     def _heads(self, x: torch.Tensor) -> torch.Tensor:
@@ -183,9 +188,12 @@ class Block(nn.Module):
             num_prefix_tokens: int = 0,
             act_layer: type = nn.GELU,
             norm_layer: type = nn.LayerNorm,
+            device=None,
+            dtype=None,
     ):
         super().__init__()
-        self.norm1 = norm_layer(dim)
+        dd = {'device': device, 'dtype': dtype}
+        self.norm1 = norm_layer(dim, **dd)
         self.attn = ConvAttention(
             dim,
             num_heads=num_heads,
@@ -196,10 +204,11 @@ class Block(nn.Module):
             attn_drop=attn_drop,
             proj_drop=proj_drop,
             num_prefix_tokens=num_prefix_tokens,
+            **dd,
         )
         self.drop_path1 = DropPath(drop_path) if drop_path > 0. else nn.Identity()
-        self.norm2 = norm_layer(dim)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=act_layer, drop=proj_drop)
+        self.norm2 = norm_layer(dim, **dd)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=act_layer, drop=proj_drop, **dd)
         self.drop_path2 = DropPath(drop_path) if drop_path > 0. else nn.Identity()
 
     def forward(self, x: torch.Tensor, feat_size: Tuple[int, int]) -> torch.Tensor:
@@ -219,10 +228,13 @@ class ConvEmbed(nn.Module):
             stride: int,
             padding: int,
             norm_layer: type = nn.LayerNorm,
+            device=None,
+            dtype=None,
     ):
         super().__init__()
-        self.proj = nn.Conv2d(in_chans, embed_dim, patch_size, stride=stride, padding=padding)
-        self.norm = norm_layer(embed_dim)
+        dd = {'device': device, 'dtype': dtype}
+        self.proj = nn.Conv2d(in_chans, embed_dim, patch_size, stride=stride, padding=padding, **dd)
+        self.norm = norm_layer(embed_dim, **dd)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.norm(self.proj(x).permute(0, 2, 3, 1))
@@ -274,12 +286,16 @@ class CvtStage(nn.Module):
             attn_drop: float = 0.,
             drop_path: Union[List[float], float] = 0.,
             norm_layer: type = nn.LayerNorm,
+            device=None,
+            dtype=None,
     ):
         super().__init__()
+        dd = {'device': device, 'dtype': dtype}
         self.grad_checkpointing = False
         self.num_prefix_tokens = 1 if cls_token else 0
-        self.patch_embed = ConvEmbed(dim, dim_out, patch_size, patch_stride, patch_padding, norm_layer=norm_layer)
-        self.cls_token = nn.Parameter(torch.zeros(1, 1, dim_out)) if cls_token else None
+        self.patch_embed = ConvEmbed(
+            dim, dim_out, patch_size, patch_stride, patch_padding, norm_layer=norm_layer, **dd)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, dim_out, **dd)) if cls_token else None
         self.blocks = nn.ModuleList([Block(
             dim=dim_out,
             num_heads=num_heads,
@@ -290,6 +306,7 @@ class CvtStage(nn.Module):
             drop_path=drop_path[i] if isinstance(drop_path, list) else drop_path,
             num_prefix_tokens=self.num_prefix_tokens,
             norm_layer=norm_layer,
+            **dd,
         ) for i in range(depth)])
 
     def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, Tuple[int, int]]:
@@ -363,6 +380,8 @@ class ConvolutionalVisionTransformer(nn.Module):
             attn_drop_rate: float = 0.,
             drop_path_rate: float = 0.,
             norm_layer: type = nn.LayerNorm,
+            device=None,
+            dtype=None,
     ):
         """
         Args:
@@ -372,6 +391,7 @@ class ConvolutionalVisionTransformer(nn.Module):
             drop_path_rate: Stochastic depth rate of the last block; it grows linearly from 0 over all blocks.
         """
         super().__init__()
+        dd = {'device': device, 'dtype': dtype}
         num_stages = len(depths)
         if bn_mode not in _BN_MODES:
             raise ValueError(f'bn_mode must be one of {_BN_MODES}, got {bn_mode!r}.')
@@ -405,6 +425,7 @@ class ConvolutionalVisionTransformer(nn.Module):
                 attn_drop=attn_drop_rate,
                 drop_path=dpr[i],
                 norm_layer=norm_layer,
+                **dd,
             ))
             prev_dim = embed_dims[i]
             reduction *= patch_strides[i]
@@ -412,9 +433,9 @@ class ConvolutionalVisionTransformer(nn.Module):
         self.stages = nn.ModuleList(stages)
 
         self.num_features = self.head_hidden_size = embed_dims[-1]
-        self.norm = norm_layer(embed_dims[-1])
+        self.norm = norm_layer(embed_dims[-1], **dd)
         self.head_drop = nn.Dropout(drop_rate)
-        self.head = nn.Linear(embed_dims[-1], num_classes) if num_classes > 0 else nn.Identity()
+        self.head = nn.Linear(embed_dims[-1], num_classes, **dd) if num_classes > 0 else nn.Identity()
 
         self.apply(self._init_weights)
         for stage in self.stages:
@@ -464,8 +485,8 @@ class ConvolutionalVisionTransformer(nn.Module):
         if global_pool is not None:
             self._check_pool(global_pool, self.num_prefix_tokens > 0 and len(self.stages) == len(self.depths))
             self.global_pool = global_pool
-        device = self.norm.weight.device if isinstance(self.norm, nn.LayerNorm) else None
-        self.head = nn.Linear(self.num_features, num_classes, device=device) if num_classes > 0 else nn.Identity()
+        dd = get_device_dtype(self.stages)  # the final norm may have been pruned
+        self.head = nn.Linear(self.num_features, num_classes, **dd) if num_classes > 0 else nn.Identity()
         self.head.train(self.training)
 
     @torch.jit.ignore

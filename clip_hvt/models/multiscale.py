@@ -212,12 +212,14 @@ class MultiScale(nn.Module):
             num_classes: int = 1000,
             global_pool: str = 'attn',
             drop_rate: float = 0.,
+            in_chans: int = 3,
     ):
         super().__init__()
         if not hasattr(trunk, 'forward_intermediates') or not hasattr(trunk, 'feature_info'):
             raise ValueError(
                 f'{type(trunk).__name__} has no forward_intermediates/feature_info, multiscale pooling needs both')
         self.trunk = trunk
+        self.in_chans = in_chans
         self.num_stages = len(trunk.feature_info)
         self.num_classes = num_classes
         self.drop_rate = drop_rate
@@ -243,6 +245,7 @@ class MultiScale(nn.Module):
             pool, self.num_features = _create_reducer(spec, dd)
             self.pool = pool.train(self.training)
         self.spec = spec
+        self.token_head = True  # spec for torchscript, which cannot read a dataclass
         self.stage_indices: List[int] = list(spec.stages)  # the spec's stages, typed for torchscript
         self.global_pool = global_pool
         self.head_hidden_size = self.num_features
@@ -275,8 +278,10 @@ class MultiScale(nn.Module):
 
     @torch.jit.ignore
     def set_input_size(self, img_size=None, **kwargs):
-        """Resize a fixed-size trunk (swin); open_clip's TimmModel.set_input_size calls this."""
-        self.trunk.set_input_size(img_size=img_size, **kwargs)
+        """Resize a fixed-size trunk (swin); open_clip's TimmModel.set_input_size calls this. A trunk without
+        set_input_size takes any size, so there is nothing to resize (the head is size-independent)."""
+        if hasattr(self.trunk, 'set_input_size'):
+            self.trunk.set_input_size(img_size=img_size, **kwargs)
 
     def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None):
         """New classifier; a new global_pool rebuilds only the head parts whose options changed."""
@@ -303,6 +308,10 @@ class MultiScale(nn.Module):
             self.tokens, self.pool, self.head = nn.Identity(), nn.Identity(), nn.Identity()
             self.num_classes = 0
             self.spec = None  # no token head: forward_intermediates returns stage maps only
+            self.token_head = False
+            # as in a pruned timm trunk, the features end at the deepest kept stage
+            self.stage_indices = [max_index]
+            self.num_features = self.head_hidden_size = self.feature_info[max_index]['num_chs']
         if hasattr(self.trunk, 'prune_intermediate_layers'):
             self.trunk.prune_intermediate_layers(take_indices, prune_norm=prune_norm, prune_head=True)
         self.num_stages = max_index + 1
@@ -340,6 +349,8 @@ class MultiScale(nn.Module):
         maps = self.trunk.forward_intermediates(
             x, indices=self.stage_indices, stop_early=True, intermediates_only=True)
         assert isinstance(maps, list)  # narrows the trunk's declared return type for torchscript
+        if not self.token_head:  # pruned (features_only): the deepest kept stage map
+            return maps[-1]
         return self.tokens(maps)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
@@ -358,13 +369,14 @@ def _build(
         num_classes: int = 1000,
         global_pool: str = 'attn',
         drop_rate: float = 0.,
+        in_chans: int = 3,
         **trunk_kwargs,
 ) -> MultiScale:
     """The trunk (random init; weights come through timm's pretrained loading of the whole model) + the head.
 
     trunk_kwargs reach the trunk, img_size included: timm passes it from the cfg to fixed-size trunks (swin)."""
-    trunk = timm.create_model(trunk_name, pretrained=False, num_classes=0, **trunk_kwargs)
-    return MultiScale(trunk, num_classes=num_classes, global_pool=global_pool, drop_rate=drop_rate)
+    trunk = timm.create_model(trunk_name, pretrained=False, num_classes=0, in_chans=in_chans, **trunk_kwargs)
+    return MultiScale(trunk, num_classes=num_classes, global_pool=global_pool, drop_rate=drop_rate, in_chans=in_chans)
 
 
 def _create_multiscale(variant: str, trunk_name: str, pretrained: bool = False, **kwargs) -> MultiScale:

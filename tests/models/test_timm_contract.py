@@ -2,13 +2,28 @@
 
 The specification is timm's own `tests/test_models.py` (at the installed timm version): forward (and
 unchanged output under gradient checkpointing), backward to every parameter, `default_cfgs` (head sizes,
-classifier and first conv names, reset_classifier), `forward_intermediates` against `feature_info` and
-`forward_features`, `features_only`, fx tracing forward and backward, and torchscript. Our encoders return a
+classifier and first conv names, reset_classifier; creation on a given device and dtype, unknown arguments
+refused, frozen weights kept frozen), `forward_intermediates` against `feature_info` and `forward_features`,
+`prune_intermediate_layers`, `features_only`, fx tracing forward and backward, and torchscript. Our encoders return a
 token sequence from `forward_features` (CvT: class token + last-stage tokens; `_ms`: pooled multiscale tokens),
 so the `default_cfgs` checks are those timm applies to its token-sequence models (ViT, PiT, MViTv2).
 
 Each model is built once per name (module-scoped fixture) and copied per test; inputs are 64 px, so the
 suite stays small.
+
+timm's own file against our names (`tests/models/timm_suite.py` is the pytest plugin that registers our models,
+narrows timm's model lists to them and deselects the tests of timm's own models), from the repository root:
+
+    V=$(python -c 'import timm; print(timm.__version__)')
+    mkdir -p /tmp/timm_suite && pip download "timm==$V" --no-deps --no-binary :all: -d /tmp/timm_suite
+    tar xzf /tmp/timm_suite/timm-$V.tar.gz -C /tmp/timm_suite --strip-components=2 timm-$V/tests/test_models.py
+    export PYTHONPATH=$PWD:$PWD/tests/models HF_HUB_OFFLINE=1
+    python -m pytest -p timm_suite --rootdir /tmp/timm_suite -p no:cacheprovider /tmp/timm_suite/test_models.py \
+        -k test_model_forward_intermediates   # one test function at a time; -k 'cvt_13 and ...' for one name
+
+`--collect-only -q` lists what runs. timm classes its token-sequence models (ViT, PiT, MViTv2...) by name in the
+file's NON_STD_FILTERS; the plugin adds ours there too (`TIMM_SUITE_TOKENS_AS_NON_STD=0` runs them as NCHW
+models, where `test_model_default_cfgs` stops at its 2-D spatial output assertion).
 """
 import copy
 import math
@@ -71,6 +86,33 @@ def _trace(model):
 def test_every_registered_name_is_covered():
     expected = {'cvt_13', 'cvt_21', 'cvt_w24'} | {f'{t}_ms' for t in clip_hvt.models.multiscale.multiscale_trunks()}
     assert set(NAMES) == expected
+
+
+@pytest.mark.parametrize('name', NAMES)
+def test_factory_places_every_tensor_on_the_requested_device_and_dtype(name):
+    # the meta device allocates nothing, so every size runs here
+    model = _create(name, device='meta', dtype=torch.float64)
+    assert model.in_chans == model.pretrained_cfg['input_size'][0] == 3
+    tensors = [*model.named_parameters(), *model.named_buffers()]
+    assert not [n for n, t in tensors if t.device.type != 'meta']
+    assert not [n for n, t in tensors if t.is_floating_point() and t.dtype != torch.float64]
+    model.reset_classifier(0)
+    model.reset_classifier(7)
+    assert model.get_classifier().weight.device.type == 'meta'
+    assert model.get_classifier().weight.dtype == torch.float64
+    with pytest.raises(TypeError, match='not_a_model_arg'):
+        _create(name, device='meta', not_a_model_arg=1)
+
+
+@pytest.mark.parametrize('name', NAMES)
+def test_frozen_parameters_stay_frozen_through_head_reset_and_resize(name):
+    model = _create(name, device='meta')
+    model.requires_grad_(False)
+    model.reset_classifier(0, '')
+    if hasattr(model, 'set_input_size'):
+        model.set_input_size(img_size=tuple(2 * s for s in SIZE))
+    assert not [n for n, p in model.named_parameters() if p.requires_grad]
+    assert model.num_classes == 0
 
 
 def test_forward_is_finite_and_unchanged_by_grad_checkpointing(built):
@@ -141,6 +183,24 @@ def test_forward_intermediates_follow_feature_info(built, size):
         torch.testing.assert_close(only, [maps[0], maps[-1]])
         model.set_grad_checkpointing()
         torch.testing.assert_close(model.forward_intermediates(x)[0], final, rtol=1e-4, atol=1e-5)
+
+
+def test_pruned_model_ends_at_its_tap_and_trains_every_kept_parameter(built):
+    name, model = built
+    x = _images()
+    with torch.no_grad():
+        taps = model.forward_intermediates(x, intermediates_only=True)
+    for i in range(len(taps)):
+        pruned = copy.deepcopy(model)
+        take = pruned.prune_intermediate_layers([i], prune_norm=True)
+        with torch.no_grad():
+            torch.testing.assert_close(pruned.forward_intermediates(x, indices=take, intermediates_only=True)[0], taps[i])
+            if name.endswith('_ms'):  # the token head is gone: the features are the deepest kept stage map
+                torch.testing.assert_close(pruned.forward_features(x), taps[i])
+        pruned.train()
+        pruned.forward_features(x).sum().backward()
+        unused = [n for n, p in pruned.named_parameters() if p.grad is None]
+        assert not unused, f'pruned to stage {i}, no gradient for {unused[:5]}'
 
 
 def test_features_only_returns_the_stage_maps(built, tmp_path):
