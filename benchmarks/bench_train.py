@@ -42,8 +42,9 @@ MODELS = {
 
 def _quickstart() -> tuple[dict, dict]:
     import yaml  # only in the parent process
-    cfg = yaml.safe_load((ROOT / "configs" / "quickstart.yaml").read_text())
-    return cfg["model"]["model_cfg"], cfg["model"]
+    from clip_hvt.summary import model_cfg_from_configs  # the config parser of every command (file references)
+    path = ROOT / "configs" / "quickstart.yaml"
+    return model_cfg_from_configs(["--config", str(path)]), yaml.safe_load(path.read_text())["model"]
 
 
 def _shapes_spec() -> str:
