@@ -10,8 +10,8 @@ Three signals, each weighted against the contrastive loss:
   student's ``text_cfg`` and ``embed_dim`` must be the teacher's so its weights load as they are.
 
 The teacher's targets come from the live teacher (frozen, eval mode, no gradients, bf16 on devices that
-support it) or, with ``stored_targets``, from the shards (``data_scripts/add_teacher_features.py``),
-so a step costs what a plain step costs.
+support it) or, with ``stored_targets``, from the shards (``python -m clip_hvt.data.teacher_features``),
+so a step costs what a plain step costs (1.005x measured, ``benchmarks/bench_distill.py``).
 """
 from __future__ import annotations
 
