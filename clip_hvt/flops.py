@@ -60,7 +60,7 @@ def tower_costs(model: torch.nn.Module, model_cfg: dict) -> dict[str, int]:
     image = torch.zeros(1, 3, height, width, device="meta")
     caption = factory.create_tokenizer(model_cfg)(["a photo of a small red circle"]).to("meta")
     weights = factory.meta_state(model)
-    was_training = model.training
+    modes = {module: module.training for module in model.modules()}  # restored one by one: frozen norms stay in eval
     model.eval()
     # With autograd on: under no_grad, nn.MultiheadAttention takes its fused fast path, which torch's
     # counter sees as one op without a formula (open_clip's ViT would lose its attention blocks).
@@ -68,7 +68,8 @@ def tower_costs(model: torch.nn.Module, model_cfg: dict) -> dict[str, int]:
     with torch.enable_grad():
         image_flops = count_flops(torch.func.functional_call, model, weights, (image, None))
         text_flops = count_flops(torch.func.functional_call, model, weights, (None, caption))
-    model.train(was_training)
+    for module, training in modes.items():
+        module.training = training
     image_params = _params(model.visual)
     return {"image_params": image_params, "text_params": _params(model) - image_params,
             "image_flops": image_flops, "text_flops": text_flops}

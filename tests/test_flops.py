@@ -96,3 +96,15 @@ def test_training_logs_flops_per_second_and_mfu_against_a_configured_peak(tmp_pa
         flops_per_s, samples_per_s = float(row["train/device/flops_per_sec"]), float(row["train/device/samples_per_sec"])
         assert flops_per_s == pytest.approx(per_sample * samples_per_s, rel=1e-6)
         assert float(row["train/device/mfu"]) == pytest.approx(flops_per_s / 1e12, rel=1e-6)
+
+
+def test_tower_costs_leave_every_submodule_in_its_mode():
+    # A locked tower keeps its norms in eval mode inside a model in training mode; counting must not undo that.
+    model = factory.create_model(TINY["pvt_v2"]).train()
+    norms = [m for m in model.visual.modules() if isinstance(m, torch.nn.LayerNorm)][:2]
+    for norm in norms:
+        norm.eval()
+    before = {name: m.training for name, m in model.named_modules()}
+    flops.tower_costs(model, TINY["pvt_v2"])
+    assert {name: m.training for name, m in model.named_modules()} == before
+    assert norms and not any(norm.training for norm in norms)
