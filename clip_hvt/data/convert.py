@@ -33,18 +33,17 @@ from PIL import ExifTags, Image, ImageOps
 from tqdm import tqdm
 
 from ..cli import UserError, run
-from .sample import MAX_IMAGE_PIXELS, SkipSample, nonempty, open_image
+from .sample import MAX_IMAGE_PIXELS, SkipCounter, SkipSample, nonempty, open_image
 from .shards import SIZES_FILE
 
 __all__ = [
-    'SourceSample', 'WriteOptions', 'SkipLog', 'TableSamples', 'read_table', 'read_folder', 'read_coco',
+    'SourceSample', 'WriteOptions', 'TableSamples', 'read_table', 'read_folder', 'read_coco',
     'write_shards', 'table', 'folder', 'coco',
 ]
 
 IMAGE_SUFFIXES = ('.jpg', '.jpeg', '.png', '.webp', '.bmp', '.gif', '.tif', '.tiff')
 TABLE_FORMATS = {'.csv': 'csv', '.tsv': 'tsv', '.tab': 'tsv', '.parquet': 'parquet', '.pq': 'parquet'}
 STATS_FILE = 'stats.json'
-MAX_EXAMPLES = 5
 TABLE_CHUNK_ROWS = 65_536  # rows of a table read at a time
 TASKS_AHEAD_PER_WORKER = 2  # chunks handed to the pool ahead of the one waited for, per worker
 _TAR_MTIME = 1_700_000_000.0  # fixed: a rerun with the same inputs writes byte-identical shards
@@ -102,24 +101,6 @@ class WriteOptions:
         for ok, message in checks:
             if not ok:
                 raise UserError(message)
-
-
-class SkipLog:
-    """Counts per reason with the first few examples, mergeable across workers in task order."""
-
-    def __init__(self):
-        self.counts, self.examples = Counter(), defaultdict(list)
-
-    def add(self, reason: str, example: str, count: int = 1):
-        self.merge({reason: {'count': count, 'examples': [example]}})
-
-    def merge(self, other: dict):
-        for reason, entry in other.items():
-            self.counts[reason] += entry['count']
-            self.examples[reason] = (self.examples[reason] + entry['examples'])[:MAX_EXAMPLES]
-
-    def to_dict(self) -> dict:
-        return {r: {'count': self.counts[r], 'examples': self.examples[r]} for r in sorted(self.counts)}
 
 
 # source readers: list samples, open no image
@@ -222,7 +203,7 @@ def _require_keys(entries: list, keys: tuple, where: str):
 
 def read_coco(annotations, image_root=None) -> tuple:
     """Samples from a COCO captions JSON, one per image (sorted by id), keeping every caption in
-    file order. Returns (samples, problems) where problems is a SkipLog of annotations that
+    file order. Returns (samples, problems) where problems is a SkipCounter of annotations that
     belong to no listed image. `image_root` defaults to the JSON's directory."""
     annotations = Path(annotations)
     if not annotations.is_file():
@@ -242,7 +223,7 @@ def read_coco(annotations, image_root=None) -> tuple:
     samples = [SourceSample(key=f'{i:09d}', image=str(root / im['file_name']), split_id=im['file_name'],
                             captions=tuple(captions.get(im['id'], ())), keep_all_captions=True,
                             meta={'image_id': im['id']}) for i, im in enumerate(images)]
-    problems = SkipLog()
+    problems = SkipCounter(log_first=None)
     for image_id in sorted(set(captions) - {im['id'] for im in images}, key=str):
         problems.add('annotation for unknown image_id', str(image_id), count=len(captions[image_id]))
     return samples, problems
@@ -332,7 +313,7 @@ def _write_chunk(task) -> dict:
     maxsize cuts it). Returns the tmpdir, the shards with their counts and the skip log, plain
     data only."""
     chunk, tmpdir, samples, opts = task
-    log, shards, writer = SkipLog(), Counter(), None
+    log, shards, writer = SkipCounter(log_first=None), Counter(), None
     for sample in samples:
         try:
             encoded = encode_sample(sample, opts)
@@ -423,7 +404,7 @@ def _run_chunks(tasks: Iterable, total: Optional[int], workers: int) -> Iterator
 
 
 def write_shards(samples: Iterable, output, opts: WriteOptions = WriteOptions(),
-                 source_problems: Optional[SkipLog] = None, source: str = '') -> dict:
+                 source_problems: Optional[SkipCounter] = None, source: str = '') -> dict:
     """Write `samples` as WebDataset shards under `output`; returns (and writes) stats.json.
     `samples` is read once, while shards are written; the progress bar's total is its
     `operator.length_hint` (none for a plain iterator)."""
@@ -438,7 +419,7 @@ def write_shards(samples: Iterable, output, opts: WriteOptions = WriteOptions(),
     split_of_tmpdir = {str(tmpdir): name for name, tmpdir in tmpdirs.items()}
     total = operator.length_hint(samples, -1)
     # per split in task order: the shards written, and skips merged as they were in one list of tasks
-    shards, logs = {name: [] for name in split_dirs}, {name: SkipLog() for name in split_dirs}
+    shards, logs = {name: [] for name in split_dirs}, {name: SkipCounter(log_first=None) for name in split_dirs}
     try:
         with closing(_run_chunks(_chunk_tasks(samples, tmpdirs, opts), total if total >= 0 else None,
                                  opts.workers)) as results:
@@ -451,7 +432,7 @@ def write_shards(samples: Iterable, output, opts: WriteOptions = WriteOptions(),
         for tmpdir in tmpdirs.values():
             shutil.rmtree(tmpdir, ignore_errors=True)
         raise
-    log, splits = SkipLog(), {}
+    log, splits = SkipCounter(log_first=None), {}
     for name, directory in split_dirs.items():
         sizes = {}
         for tmp_name, count in shards[name]:
@@ -463,7 +444,7 @@ def write_shards(samples: Iterable, output, opts: WriteOptions = WriteOptions(),
         splits[name] = {'directory': str(directory), 'samples': sum(sizes.values()), 'shards': len(sizes)}
         log.merge(logs[name].to_dict())
     stats = {'source': source, 'written': sum(s['samples'] for s in splits.values()),
-             'skipped': sum(log.counts.values()), 'skip_reasons': log.to_dict(), 'splits': splits,
+             'skipped': sum(log.total.values()), 'skip_reasons': log.to_dict(), 'splits': splits,
              'source_problems': source_problems.to_dict() if source_problems else {}, 'options': asdict(opts)}
     (output / STATS_FILE).write_text(json.dumps(stats, indent=1))
     return stats

@@ -17,6 +17,7 @@ import json
 import logging
 import tarfile
 import warnings
+from collections import Counter, defaultdict
 from typing import Iterator
 
 import numpy as np
@@ -46,6 +47,7 @@ SKIP_REASONS = {  # new reasons go at the end: checkpoints of SkipMonitor store 
 MAX_IMAGE_PIXELS = 64_000_000  # images with more pixels are skipped; 8k x 8k, far above any training size
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
 PICKLE_SUFFIXES = ("pyd", "pickle", "pkl", "pth", "pt")
+MAX_EXAMPLES = 5  # examples kept per skip reason
 TARGET_MEMBERS = ("teacher_image.npy", "teacher_text.npy")  # stored teacher targets: image [D], captions [n, D]
 
 
@@ -59,23 +61,32 @@ class SkipSample(Exception):
 
 
 class SkipCounter:
-    """Per-worker skip counts by reason; ``take()`` hands over what was counted since the last call."""
+    """Skip counts by reason with their first few examples: the loader's workers log as they count and
+    hand over new counts per batch (``take``); the converter merges its workers' ``to_dict()`` in task order."""
 
-    def __init__(self, log_first: int = 5):
-        self.total = dict.fromkeys(SKIP_REASONS, 0)
-        self._pending = dict.fromkeys(SKIP_REASONS, 0)
+    def __init__(self, log_first: int | None = 5):  # None: never log
+        self.total, self.examples, self._pending = Counter(), defaultdict(list), Counter()
         self.log_first = log_first
 
-    def add(self, reason: str, where: str) -> None:
-        self.total[reason] += 1
-        self._pending[reason] += 1
+    def add(self, reason: str, where: str, count: int = 1) -> None:
+        self.merge({reason: {"count": count, "examples": [where]}})
         n = self.total[reason]
-        if n <= self.log_first or n % 1000 == 0:
+        if self.log_first is not None and (n <= self.log_first or n % 1000 == 0):
             log.warning("skipped %s: %s (%d so far for this reason in this worker)", where, reason, n)
 
+    def merge(self, other: dict) -> None:
+        for reason, entry in other.items():
+            self.total[reason] += entry["count"]
+            self._pending[reason] += entry["count"]
+            self.examples[reason] = (self.examples[reason] + entry["examples"])[:MAX_EXAMPLES]
+
+    def to_dict(self) -> dict:
+        return {r: {"count": self.total[r], "examples": self.examples[r]} for r in sorted(self.total)}
+
     def take(self) -> torch.Tensor:
-        counts = torch.tensor(list(self._pending.values()), dtype=torch.long)
-        self._pending = dict.fromkeys(SKIP_REASONS, 0)
+        """The counts since the last call, one per ``SKIP_REASONS`` key."""
+        counts = torch.tensor([self._pending[r] for r in SKIP_REASONS], dtype=torch.long)
+        self._pending.clear()
         return counts
 
 
