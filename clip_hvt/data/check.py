@@ -114,41 +114,33 @@ def check_shards(tars: Sequence, workers: int = 1, caption_key: str = "txt",
         return list(tqdm(pool.imap(check, tars), total=len(tars), unit="shard", desc="checking shards"))
 
 
-def _read_json(path: Path):
+def check_sizes(directory: Path, reports: Sequence, write: bool = False) -> list:
+    """Shards whose sample count differs from the count training reads (``shards.shard_sizes``); ``write``
+    first rewrites sizes.json from ``reports``, keeping entries of other shards that still exist."""
+    path = directory / SIZES_FILE
     try:
-        return json.loads(path.read_text())
+        sizes = json.loads(path.read_text())
     except (OSError, ValueError):
-        return None
-
-
-def count_problems(directory, reports: Sequence) -> list:
-    """Shards whose sample count differs from the count training reads (``shards.shard_sizes``)."""
-    where = str(Path(directory) / SIZES_FILE)
-    sizes = _read_json(Path(directory) / SIZES_FILE)
-    if (Path(directory) / SIZES_FILE).exists() and not isinstance(sizes, dict):
-        return [Problem("sizes_unreadable", where, SIZES_FILE, "not a JSON object; run with --write_sizes true")]
+        sizes = None
+    if write:
+        sizes = {k: v for k, v in (sizes if isinstance(sizes, dict) else {}).items() if (directory / k).exists()}
+        sizes.update({Path(r.shard).name: r.samples for r in reports})
+        path.write_text(json.dumps(dict(sorted(sizes.items())), indent=1))
+        print(f"wrote {path}")
+    if path.exists() and not isinstance(sizes, dict):
+        return [Problem("sizes_unreadable", str(path), SIZES_FILE, "not a JSON object; run with --write_sizes true")]
     problems = []
     for report in reports:
         expected = (shard_sizes([report.shard])[0] or {}).get(report.shard)
         if expected is None:
-            problems.append(Problem("sizes_missing", where, Path(report.shard).name, "run with --write_sizes true"))
+            problems.append(Problem("sizes_missing", str(path), Path(report.shard).name, "run with --write_sizes true"))
         elif expected != report.samples:
             problems.append(Problem("count_mismatch", report.shard, Path(report.shard).name, f"sizes.json / "
                                     f"_stats.json says {expected}, the shard holds {report.samples} readable samples"))
     for name in sorted(sizes or {}):
-        if not (Path(directory) / name).exists():
-            problems.append(Problem("count_mismatch", where, name, "listed shard does not exist"))
+        if not (directory / name).exists():
+            problems.append(Problem("count_mismatch", str(path), name, "listed shard does not exist"))
     return problems
-
-
-def save_sizes(directory, reports: Sequence) -> dict:
-    """Write sizes.json for the checked shards, keeping entries of other shards that still exist."""
-    directory = Path(directory)
-    old = _read_json(directory / SIZES_FILE)
-    sizes = {k: v for k, v in (old if isinstance(old, dict) else {}).items() if (directory / k).exists()}
-    sizes.update({Path(r.shard).name: r.samples for r in reports})
-    (directory / SIZES_FILE).write_text(json.dumps(dict(sorted(sizes.items())), indent=1))
-    return sizes
 
 
 def summarize(reports: Sequence, problems: Sequence, max_list: int = 20) -> str:
@@ -190,10 +182,7 @@ def check(paths: str | list[str], workers: int = 1, caption_key: str = "txt", ma
     reports = dict(zip(tars, check_shards(tars, workers, caption_key, max_image_pixels)))
     problems = [p for r in reports.values() for p in r.problems]
     for directory, group in groups.items():
-        if write_sizes:
-            save_sizes(directory, [reports[t] for t in group])
-            print(f"wrote {directory / SIZES_FILE}")
-        problems += count_problems(directory, [reports[t] for t in group])
+        problems += check_sizes(directory, [reports[t] for t in group], write_sizes)
     print(summarize(list(reports.values()), problems, max_list))
     if report:
         Path(report).write_text(json.dumps({

@@ -105,17 +105,6 @@ class WriteOptions:
 
 # source readers: list samples, open no image
 
-def _table_format(path: Path) -> str:
-    suffixes = [s.lower() for s in path.suffixes]
-    if suffixes and suffixes[-1] in ('.gz', '.bz2', '.xz', '.zst'):
-        suffixes.pop()  # pandas decompresses csv/tsv by extension
-    fmt = TABLE_FORMATS.get(suffixes[-1]) if suffixes else None
-    if fmt is None:
-        raise ValueError(f'{path}: unknown table format; valid suffixes: {", ".join(TABLE_FORMATS)} '
-                         f'(csv/tsv optionally compressed .gz/.bz2/.xz/.zst)')
-    return fmt
-
-
 def _read_delimited(path: Path, fmt: str, **kwargs) -> pd.DataFrame:
     if fmt == 'tsv':  # TSV has no quoting: captions with a leading '"' must not swallow the following rows
         kwargs.update(sep='\t', quoting=csv.QUOTE_NONE)
@@ -168,7 +157,13 @@ def read_table(path, image_col: str = 'image', caption_col: str = 'caption', ima
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f'table not found: {path}')
-    fmt = _table_format(path)
+    suffixes = [s.lower() for s in path.suffixes]
+    if suffixes and suffixes[-1] in ('.gz', '.bz2', '.xz', '.zst'):
+        suffixes.pop()  # pandas decompresses csv/tsv by extension
+    fmt = TABLE_FORMATS.get(suffixes[-1]) if suffixes else None
+    if fmt is None:
+        raise ValueError(f'{path}: unknown table format; valid suffixes: {", ".join(TABLE_FORMATS)} '
+                         f'(csv/tsv optionally compressed .gz/.bz2/.xz/.zst)')
     columns = pq.read_schema(path).names if fmt == 'parquet' else list(_read_delimited(path, fmt, nrows=0).columns)
     for flag, col in (('--image_col', image_col), ('--caption_col', caption_col)):
         if col not in columns:
@@ -231,14 +226,6 @@ def read_coco(annotations, image_root=None) -> tuple:
 
 # image decoding and sample encoding (runs in workers)
 
-def _to_rgb(img: Image.Image) -> Image.Image:
-    if img.mode in ('RGBA', 'LA', 'PA') or (img.mode == 'P' and 'transparency' in img.info):
-        # transparent areas become white rather than whatever colour sits under the alpha
-        rgba = img.convert('RGBA')
-        return Image.alpha_composite(Image.new('RGBA', rgba.size, (255, 255, 255, 255)), rgba).convert('RGB')
-    return img.convert('RGB') if img.mode != 'RGB' else img
-
-
 def resized_size(size: tuple, short_side: int, upscale: bool = False) -> tuple:
     """(w, h) with the shortest side at `short_side` and the aspect kept; unchanged when
     `short_side` is 0 or the image is already smaller and `upscale` is False."""
@@ -278,7 +265,12 @@ def encode_sample(sample: SourceSample, opts: WriteOptions) -> dict:
     try:
         if img.getexif().get(ExifTags.Base.Orientation, 1) in (5, 6, 7, 8):  # 90 degree turns
             original = original[::-1]
-        img = _to_rgb(ImageOps.exif_transpose(img))
+        img = ImageOps.exif_transpose(img)
+        if img.mode in ('RGBA', 'LA', 'PA') or (img.mode == 'P' and 'transparency' in img.info):
+            # transparent areas become white rather than whatever colour sits under the alpha
+            rgba = img.convert('RGBA')
+            img = Image.alpha_composite(Image.new('RGBA', rgba.size, (255, 255, 255, 255)), rgba)
+        img = img.convert('RGB') if img.mode != 'RGB' else img
         size = resized_size(img.size, opts.resize, opts.upscale)
         if size != img.size:
             img = img.resize(size, Image.Resampling.LANCZOS, reducing_gap=3.0)
@@ -413,9 +405,8 @@ def write_shards(samples: Iterable, output, opts: WriteOptions = WriteOptions(),
     _prepare_output(output, opts.overwrite)
     split_dirs = {'shard': output} if opts.val_fraction == 0 else {n: output / n for n in ('train', 'val')}
     tmpdirs = {name: output / f'.partial-{name}' for name in split_dirs}
-    for name, directory in split_dirs.items():
-        directory.mkdir(parents=True, exist_ok=True)
-        tmpdirs[name].mkdir()
+    for directory in [*split_dirs.values(), *tmpdirs.values()]:
+        directory.mkdir(exist_ok=True)
     split_of_tmpdir = {str(tmpdir): name for name, tmpdir in tmpdirs.items()}
     total = operator.length_hint(samples, -1)
     # per split in task order: the shards written, and skips merged as they were in one list of tasks

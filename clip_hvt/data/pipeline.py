@@ -18,7 +18,7 @@ import torchvision.transforms.functional as TF
 import webdataset as wds
 
 from .sample import (MAX_IMAGE_PIXELS, TARGET_MEMBERS, SkipCounter, SkipSample, captions, decode_sample, label, npy,
-                     read_tar, where)
+                     read_tar)
 from .shards import WeightedResampledShards
 
 
@@ -46,7 +46,7 @@ def decode(samples: Iterator[dict], transform: Callable, target: Callable, count
             img, value = decode_sample(sample, target, max_pixels, min_side)
             yield transform(img), value
         except SkipSample as skip:
-            counter.add(skip.reason, where(sample))
+            counter.add(skip.reason, f"{sample.get('__url__', '?')}:{sample.get('__key__', '?')}")
 
 
 def random_caption(sample: dict, rng: random.Random, keys: Sequence[str]) -> str:
@@ -133,18 +133,19 @@ def _eval_samples(urls: Sequence[str], rank: int, world_size: int, counter: Skip
     yield from itertools.islice(samples, offset, None, every)
 
 
-def _eval_batches(items: Iterator[tuple], batch_size: int, collate_fn: Callable, counter: SkipCounter) -> Iterator[dict]:
-    """Batches of ``batch_size`` as soon as they are full; skips met after the last one come in an
-    extra batch without images."""
+def _eval_batches(items: Iterator[tuple], batch_size: int, counter: SkipCounter, key: str,
+                  tokenizer: Callable | None) -> Iterator[dict]:
+    """Batches as soon as they are full (``wds.batched`` waits for the next item, and the skips met
+    meanwhile); skips met after the last batch come in an extra batch without images."""
     batch = []
     for item in items:
         batch.append(item)
         if len(batch) == batch_size:
-            yield collate_fn(batch, counter.take())
+            yield _eval_collate(batch, counter.take(), key, tokenizer)
             batch = []
     skipped = counter.take()
     if batch or skipped.any():
-        yield collate_fn(batch, skipped)
+        yield _eval_collate(batch, skipped, key, tokenizer)
 
 
 def _eval_collate(items: list[tuple], skipped: torch.Tensor, key: str, tokenizer: Callable | None) -> dict:
@@ -179,8 +180,7 @@ def eval_loader(urls: Sequence[str], transform: Callable, batch_size: int,
         lambda: _eval_samples(urls, rank, world_size, counter, read),
         partial(decode, transform=transform, target=target, counter=counter, max_pixels=max_pixels,
                 min_side=min_side),
-        partial(_eval_batches, batch_size=batch_size, counter=counter,
-                collate_fn=partial(_eval_collate, key=key, tokenizer=tokenizer)),
+        partial(_eval_batches, batch_size=batch_size, counter=counter, key=key, tokenizer=tokenizer),
     )
     return wds.WebLoader(pipeline, batch_size=None, num_workers=num_workers)
 

@@ -92,14 +92,6 @@ class SkipCounter:
 
 # member rules and the tar reader
 
-def split_member(name: str) -> tuple[str, str] | None:
-    """(key, lower-case extension) of a member name; None for metadata or a name without extension."""
-    key, ext = base_plus_ext(name)
-    if key is None or key.rsplit("/", 1)[-1].startswith("__"):
-        return None
-    return key, ext.lower()
-
-
 def read_tar(url: str, **extra) -> Iterator[dict]:
     """Complete samples ``{"__key__", "__url__", **extra, ext: bytes}`` of one shard, in order; raises
     ``SkipSample("corrupt_shard")`` where the shard breaks, after the samples before it (the rest is lost,
@@ -109,10 +101,10 @@ def read_tar(url: str, **extra) -> Iterator[dict]:
         with open_url(url) as stream, tarfile.open(fileobj=stream, mode="r|*") as tar:
             for info in tar:
                 tar.members = []  # stream mode would otherwise keep every header of the shard
-                parts = split_member(info.name) if info.isreg() else None
-                if parts is None:
+                key, ext = base_plus_ext(info.name) if info.isreg() else (None, None)
+                if key is None or key.rsplit("/", 1)[-1].startswith("__"):  # no extension, or metadata
                     continue
-                key, ext = parts
+                ext = ext.lower()
                 if sample is not None and key != sample["__key__"]:
                     yield sample
                     sample = None
@@ -130,10 +122,6 @@ def read_tar(url: str, **extra) -> Iterator[dict]:
         raise SkipSample("corrupt_shard", f"{url} ({type(exn).__name__}: {exn})") from None
     if sample is not None:
         yield sample
-
-
-def where(sample: dict) -> str:
-    return f"{sample.get('__url__', '?')}:{sample.get('__key__', '?')}"
 
 
 # decoding: image, captions, label
@@ -160,15 +148,6 @@ def open_image(data: bytes, max_pixels: int = MAX_IMAGE_PIXELS, min_side: int = 
         raise SkipSample("image_too_large", str(exn)) from None
     except Exception as exn:  # PIL raises many types for broken bytes (OSError, SyntaxError, ValueError...)
         raise SkipSample("undecodable_image", f"{type(exn).__name__}: {exn}") from None
-
-
-def image(sample: dict, max_pixels: int = MAX_IMAGE_PIXELS, min_side: int = 0) -> Image.Image:
-    """The sample's image as RGB (see ``open_image``); ``no_image`` when it has none."""
-    key = next((k for k in IMAGE_KEYS if k in sample), None)
-    if key is None:
-        raise SkipSample("no_image", f"members: {sorted(k for k in sample if not k.startswith('__'))}")
-    img, _ = open_image(sample[key], max_pixels, min_side)
-    return img if img.mode == "RGB" else img.convert("RGB")
 
 
 def captions(sample: dict, key: str = "txt") -> list[str]:
@@ -231,11 +210,16 @@ def label(sample: dict, num_classes: int | None = None) -> int:
 
 def decode_sample(sample: dict, target, max_pixels: int = MAX_IMAGE_PIXELS, min_side: int = 0):
     """(RGB image, ``target(sample)``), or ``SkipSample`` with the one reason every reader counts; checked
-    in this order: members (pickle-like, duplicate), the target (caption or label), the image."""
+    in this order: members (pickle-like, duplicate), the target (caption or label), the image (the first
+    of ``IMAGE_KEYS``, see ``open_image``)."""
     pickled = [k for k in sample if not k.startswith("__") and k.rsplit(".", 1)[-1] in PICKLE_SUFFIXES]
     if pickled:
         raise SkipSample("pickle_member", ", ".join(pickled))
     if "__duplicate__" in sample:
         raise SkipSample("duplicate_member", sample["__duplicate__"])
     value = target(sample)
-    return image(sample, max_pixels, min_side), value
+    key = next((k for k in IMAGE_KEYS if k in sample), None)
+    if key is None:
+        raise SkipSample("no_image", f"members: {sorted(k for k in sample if not k.startswith('__'))}")
+    img, _ = open_image(sample[key], max_pixels, min_side)
+    return (img if img.mode == "RGB" else img.convert("RGB")), value
