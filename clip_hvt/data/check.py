@@ -102,18 +102,6 @@ def find_shards(paths: Sequence) -> dict:
     return {directory: list(tars) for directory, tars in found.items()}
 
 
-def check_shards(tars: Sequence, workers: int = 1, caption_key: str = "txt",
-                 max_pixels: int = MAX_IMAGE_PIXELS) -> list:
-    """ShardReports in the order of ``tars``, checked by ``workers`` processes."""
-    check = partial(check_shard, caption_key=caption_key, max_pixels=max_pixels)
-    tars = [str(t) for t in tars]
-    if workers <= 1 or len(tars) <= 1:
-        return [check(t) for t in tqdm(tars, unit="shard", desc="checking shards")]
-    # the pool forks before tqdm starts its monitor thread: forking a threaded process can deadlock
-    with multiprocessing.Pool(min(workers, len(tars))) as pool:
-        return list(tqdm(pool.imap(check, tars), total=len(tars), unit="shard", desc="checking shards"))
-
-
 def check_sizes(directory: Path, reports: Sequence, write: bool = False) -> list:
     """Shards whose sample count differs from the count training reads (``shards.shard_sizes``); ``write``
     first rewrites sizes.json from ``reports``, keeping entries of other shards that still exist."""
@@ -179,7 +167,13 @@ def check(paths: str | list[str], workers: int = 1, caption_key: str = "txt", ma
         raise UserError("--workers and --max_image_pixels must be >= 1, --max_list >= 0")
     groups = find_shards([paths] if isinstance(paths, str) else paths)
     tars = [t for group in groups.values() for t in group]
-    reports = dict(zip(tars, check_shards(tars, workers, caption_key, max_image_pixels)))
+    check_one = partial(check_shard, caption_key=caption_key, max_pixels=max_image_pixels)
+    if workers == 1 or len(tars) == 1:
+        found = [check_one(t) for t in tqdm(tars, unit="shard", desc="checking shards")]
+    else:  # the pool forks before tqdm starts its monitor thread: forking a threaded process can deadlock
+        with multiprocessing.Pool(min(workers, len(tars))) as pool:
+            found = list(tqdm(pool.imap(check_one, tars), total=len(tars), unit="shard", desc="checking shards"))
+    reports = dict(zip(tars, found))
     problems = [p for r in reports.values() for p in r.problems]
     for directory, group in groups.items():
         problems += check_sizes(directory, [reports[t] for t in group], write_sizes)

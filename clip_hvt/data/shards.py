@@ -79,8 +79,7 @@ def expand_sources(spec: str | Sequence[str]) -> list[list[str]]:
         for kind_url in {scheme(u): u for u in urls}.values():
             check_scheme(part, kind_url)
         urls = [match for url in urls for match in _glob(url)]
-        local = [u for u in urls if is_local(u)]
-        missing = [u for u in local if not os.path.isfile(_local_path(u))]
+        missing = [u for u in urls if is_local(u) and not os.path.isfile(_local_path(u))]
         if missing and len(missing) == len(urls):
             raise FileNotFoundError(_no_match_message(part, urls))
         if missing:

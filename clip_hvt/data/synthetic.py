@@ -201,26 +201,21 @@ def generate(root: str | os.PathLike, cfg: ShapesConfig = ShapesConfig()) -> Pat
         (tmp / "zeroshot" / "templates.json").write_text(json.dumps(list(ZEROSHOT_TEMPLATES), indent=1))
         (tmp / "manifest.json").write_text(json.dumps(asdict(cfg), indent=1))
         _check_replaceable(root)  # again: something may have been written there meanwhile
-        _replace(root, tmp, cfg)
+        old = root.with_name(root.name + f".old{os.getpid()}")  # the previous set, removed once replaced
+        if root.exists():
+            shutil.rmtree(old, ignore_errors=True)
+            root.rename(old)
+        try:
+            tmp.rename(root)
+        except OSError:
+            if not is_complete(root, cfg):  # else another process just put the same set there
+                if old.exists() and not root.exists():
+                    old.rename(root)  # put the previous set back
+                raise
+        shutil.rmtree(old, ignore_errors=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)  # only left on failure: a successful run renamed it away
     return given
-
-
-def _replace(root: Path, tmp: Path, cfg: ShapesConfig) -> None:
-    """Put the complete set ``tmp`` at ``root``; the old one is moved aside first, then removed."""
-    old = root.with_name(root.name + f".old{os.getpid()}")
-    if root.exists():
-        shutil.rmtree(old, ignore_errors=True)
-        root.rename(old)
-    try:
-        tmp.rename(root)
-    except OSError:
-        if not is_complete(root, cfg):  # else another process just put the same set there
-            if old.exists() and not root.exists():
-                old.rename(root)  # put the previous set back
-            raise
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def is_complete(root: str | os.PathLike, cfg: ShapesConfig) -> bool:
