@@ -189,11 +189,9 @@ def npy(sample: dict, ext: str) -> np.ndarray:
         raise SkipSample("no_teacher_target", f"no {ext} member")
     try:
         return np.load(io.BytesIO(sample[ext]), allow_pickle=False)
-    except ValueError as exn:
+    except (ValueError, OSError) as exn:  # OSError: not an .npy at all
         if "allow_pickle" in str(exn):  # numpy's refusal of an object array
             raise SkipSample("npy_needs_pickle", ext) from None
-        raise SkipSample("no_teacher_target", f"{ext}: {exn}") from None
-    except OSError as exn:  # not an .npy at all
         raise SkipSample("no_teacher_target", f"{ext}: {exn}") from None
 
 

@@ -131,7 +131,8 @@ def open_url(url: str) -> Iterator[BinaryIO]:
     error = None
     try:
         yield stream
-        if not _drained(stream):  # more than a tar's end padding after the archive: not ours to judge
+        # read what follows the archive (a tar's record padding); more than 1 MiB is not ours to judge
+        if len(stream.stream.read(1 << 20)) == 1 << 20:
             _stop(stream)
             return
     except GeneratorExit:  # the reader was closed mid-shard (epoch end): not the command's failure
@@ -152,16 +153,6 @@ def open_url(url: str) -> Iterator[BinaryIO]:
         raise ShardReadError(f"command `{command}` exited with status {status}") from error
     if error:
         raise error
-
-
-def _drained(stream: Pipe, limit: int = 1 << 20) -> bool:
-    """Read what follows the end-of-archive block (a tar's record padding) up to ``limit`` bytes."""
-    while limit > 0:
-        chunk = stream.stream.read(min(limit, 1 << 16))
-        if not chunk:
-            return True
-        limit -= len(chunk)
-    return False
 
 
 def _stop(stream: Pipe) -> None:
