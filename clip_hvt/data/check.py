@@ -7,12 +7,14 @@ are checked as zero-shot shards. ``FINDINGS`` are shard-level faults training wo
 """
 from __future__ import annotations
 
+import itertools
 import json
 import multiprocessing
 import sys
 from collections import defaultdict
 from dataclasses import asdict, dataclass, field
 from functools import partial
+from operator import attrgetter
 from pathlib import Path
 from typing import Sequence
 
@@ -136,13 +138,10 @@ def summarize(reports: Sequence, problems: Sequence, max_list: int = 20) -> str:
     zeroshot = sum(r.task == "classification" for r in reports)
     lines = [f"{len(reports)} shards ({zeroshot} zero-shot), {sum(r.samples for r in reports)} samples, "
              f"{sum(r.usable for r in reports)} usable"]
-    by_reason = defaultdict(list)
-    for p in problems:
-        by_reason[p.reason].append(p)
-    for reason in sorted(by_reason):
-        found = by_reason[reason]
+    for reason, found in itertools.groupby(sorted(problems, key=attrgetter("reason")), key=attrgetter("reason")):
+        found = list(found)
         lines.append(f"{reason}: {len(found)}")
-        shown = found if max_list == 0 else found[:max_list]
+        shown = found[:max_list or None]
         lines.extend(f"  {p.shard}: {p.where}" + (f" ({p.detail})" if p.detail else "") for p in shown)
         if len(shown) < len(found):
             lines.append(f"  ... {len(found) - len(shown)} more")

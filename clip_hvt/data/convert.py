@@ -136,7 +136,6 @@ class TableSamples:
     image_col: str
     caption_col: str
     root: Path
-    rows: Optional[int] = None
 
     def __iter__(self) -> Iterator[SourceSample]:
         chunks = _table_chunks(self.path, self.fmt, list(dict.fromkeys((self.image_col, self.caption_col))))
@@ -147,7 +146,7 @@ class TableSamples:
                                captions=(_cell(caption),), meta={'row': row})
 
     def __length_hint__(self):
-        return NotImplemented if self.rows is None else self.rows
+        return pq.read_metadata(self.path).num_rows if self.fmt == 'parquet' else NotImplemented
 
 
 def read_table(path, image_col: str = 'image', caption_col: str = 'caption', image_root=None) -> TableSamples:
@@ -169,9 +168,7 @@ def read_table(path, image_col: str = 'image', caption_col: str = 'caption', ima
         if col not in columns:
             raise ValueError(f'{path}: column {col!r} ({flag}) does not exist; columns are: '
                              f'{", ".join(map(repr, columns))}')
-    rows = pq.read_metadata(path).num_rows if fmt == 'parquet' else None
-    root = Path(path.parent if image_root is None else image_root)
-    return TableSamples(path, fmt, image_col, caption_col, root, rows)
+    return TableSamples(path, fmt, image_col, caption_col, Path(path.parent if image_root is None else image_root))
 
 
 def read_folder(folder, suffixes: Sequence[str] = IMAGE_SUFFIXES) -> list:

@@ -137,26 +137,25 @@ def _eval_batches(items: Iterator[tuple], batch_size: int, counter: SkipCounter,
                   tokenizer: Callable | None) -> Iterator[dict]:
     """Batches as soon as they are full (``wds.batched`` waits for the next item, and the skips met
     meanwhile); skips met after the last batch come in an extra batch without images."""
+    def collate(items: list[tuple], skipped: torch.Tensor) -> dict:
+        images = torch.stack([i for i, _ in items]) if items else torch.empty(0)
+        targets = [t for _, t in items]
+        if key == "label":
+            return {"image": images, "label": torch.tensor(targets, dtype=torch.long), "skipped": skipped}
+        batch = {"image": images, "captions": targets, "skipped": skipped}
+        if tokenizer is not None:
+            batch["text"] = tokenizer([c[0] for c in targets])
+        return batch
+
     batch = []
     for item in items:
         batch.append(item)
         if len(batch) == batch_size:
-            yield _eval_collate(batch, counter.take(), key, tokenizer)
+            yield collate(batch, counter.take())
             batch = []
     skipped = counter.take()
     if batch or skipped.any():
-        yield _eval_collate(batch, skipped, key, tokenizer)
-
-
-def _eval_collate(items: list[tuple], skipped: torch.Tensor, key: str, tokenizer: Callable | None) -> dict:
-    images = torch.stack([i for i, _ in items]) if items else torch.empty(0)
-    targets = [t for _, t in items]
-    if key == "label":
-        return {"image": images, "label": torch.tensor(targets, dtype=torch.long), "skipped": skipped}
-    batch = {"image": images, "captions": targets, "skipped": skipped}
-    if tokenizer is not None:
-        batch["text"] = tokenizer([c[0] for c in targets])
-    return batch
+        yield collate(batch, skipped)
 
 
 def eval_loader(urls: Sequence[str], transform: Callable, batch_size: int,

@@ -205,10 +205,7 @@ def _read_json(url: str) -> tuple[dict | None, str]:
 
 def _stats_count(url: str) -> tuple[int | None, str]:
     """img2dataset's ``NNNNN_stats.json`` beside shard ``NNNNN.tar``: its ``successes``."""
-    shard = _shard_name(url)
-    stats_url = beside(url, shard[0].rsplit(".", 1)[0] + "_stats.json") if shard else None
-    if stats_url is None:
-        return None, "cannot name a file beside this command's shard"
+    stats_url = beside(url, _shard_name(url)[0].rsplit(".", 1)[0] + "_stats.json")  # shard_sizes checked the name
     table, why = _read_json(stats_url)
     return (int(table["successes"]), "") if table else (None, f"{stats_url}: {why}")
 
@@ -237,8 +234,7 @@ def shard_sizes(urls: Sequence[str]) -> tuple[dict[str, int] | None, str]:
     first, why = _stats_count(unlisted[0])  # a missing count stops here, before fetching the rest
     if first is None:
         return None, f"not in sizes.json and no img2dataset stats ({why})"
-    remote = not is_local(unlisted[0])
-    with ThreadPoolExecutor(32 if remote else 1) as pool:  # remote: one request per shard, in parallel
+    with ThreadPoolExecutor(1 if is_local(unlisted[0]) else 32) as pool:  # remote: one request per shard, in parallel
         counts = list(pool.map(_stats_count, unlisted[1:]))
     for url, (count, why) in zip(unlisted, [(first, "")] + counts):
         if count is None:
