@@ -110,11 +110,9 @@ def train_loader(sources: list[list[str]], transform: Callable, tokenizer: Calla
 
 
 def share(urls: Sequence[str], rank: int, world_size: int, worker: int = 0, num_workers: int = 1):
-    """(shards, every, offset): this reader reads ``shards`` and keeps samples ``i % every == offset``.
-
-    Shards are split by rank, then by worker; a level with fewer shards than parts splits by sample
-    instead (all its readers read the same shards), and every level below it then does too.
-    """
+    """(shards, every, offset): this reader reads ``shards`` and keeps samples ``i % every == offset``. Shards
+    are split by rank, then by worker; a level with fewer shards than parts splits by sample instead (all its
+    readers read the same shards), and every level below it then does too."""
     urls, every, offset = list(urls), 1, 0
     for part, parts in ((rank, world_size), (worker, num_workers)):
         if every == 1 and len(urls) >= parts:

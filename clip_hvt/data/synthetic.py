@@ -161,19 +161,15 @@ def _zeroshot(rng: random.Random, per_class: int, image_size: int):
 LAYOUT = frozenset({"train", "val", "zeroshot", "manifest.json"})  # all that a set holds at its top level
 
 
-def is_shapes_set(root: str | os.PathLike) -> bool:
-    """True if ``root`` holds a shapes set written by this module (any version), and nothing else."""
-    manifest = _manifest(Path(root))
-    # Every version's manifest is asdict(ShapesConfig): a dict with an integer version and seed.
-    return (isinstance(manifest, dict) and isinstance(manifest.get("version"), int)
-            and isinstance(manifest.get("seed"), int) and {p.name for p in Path(root).iterdir()} <= LAYOUT)
-
-
 def _check_replaceable(root: Path) -> None:
-    """Raise unless ``root`` is absent, an empty directory or a shapes set: never delete user files."""
+    """Raise unless ``root`` is absent, an empty directory or a shapes set (of any version, and nothing
+    else): never delete user files."""
     if not root.exists() and not root.is_symlink():
         return
-    if root.is_dir() and (not any(root.iterdir()) or is_shapes_set(root)):
+    manifest = _manifest(root)
+    # every version's manifest is asdict(ShapesConfig): a dict with an integer version and seed
+    ours = isinstance(manifest, dict) and all(isinstance(manifest.get(k), int) for k in ("version", "seed"))
+    if root.is_dir() and (not any(root.iterdir()) or (ours and {p.name for p in root.iterdir()} <= LAYOUT)):
         return
     what = "holds files that are not a shapes set" if root.is_dir() else "is not a directory"
     raise FileExistsError(
