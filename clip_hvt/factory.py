@@ -104,9 +104,8 @@ def check_image_size(model: torch.nn.Module, model_cfg: dict) -> None:
     try:
         with torch.no_grad():
             try:  # shapes only, on the meta device: no compute (a real forward was ~15% of start-up)
-                meta = {name: torch.empty_like(t, device="meta") for name, t in
-                        [*model.visual.named_parameters(), *model.visual.named_buffers()]}
-                torch.func.functional_call(model.visual.eval(), meta, torch.zeros(1, 3, height, width, device="meta"))
+                torch.func.functional_call(model.visual.eval(), meta_state(model.visual),
+                                           torch.zeros(1, 3, height, width, device="meta"))
             except Exception:  # a bad size, or an op or tensor the meta device cannot take: the real forward says
                 model.visual.eval()(torch.zeros(1, 3, height, width))
     except (RuntimeError, ValueError, AssertionError) as err:  # timm asserts fixed-size inputs
@@ -116,6 +115,13 @@ def check_image_size(model: torch.nn.Module, model_cfg: dict) -> None:
                          f"use a size it takes, e.g. its default {default}") from None
     finally:
         model.visual.train(was_training)
+
+
+def meta_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Shape-only stand-ins (meta device) for ``module``'s parameters and buffers, for
+    ``torch.func.functional_call``: a shape pass, or a FLOP count, without compute or a second model."""
+    return {name: torch.empty_like(t, device="meta") for name, t in
+            [*module.named_parameters(), *module.named_buffers()]}
 
 
 def load_image_weights(model: torch.nn.Module, path: str) -> None:

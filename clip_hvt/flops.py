@@ -51,21 +51,23 @@ def _params(module: torch.nn.Module) -> int:
 def tower_costs(model: torch.nn.Module, model_cfg: dict) -> dict[str, int]:
     """Parameters and forward FLOPs of one image and one caption through an open_clip model.
 
-    ``model`` may live on any device, the meta device included (nothing is computed there, shapes only).
-    The caption is padded to the context length, so its FLOPs do not depend on its words.
+    Counted on shape-only stand-ins of the weights (meta device): nothing is computed, whatever device
+    ``model`` lives on, and no second model is built. The caption is padded to the context length, so its
+    FLOPs do not depend on its words.
     """
-    device = next(model.parameters()).device
     size = factory.preprocess_cfg(model_cfg)["size"]
     height, width = (size, size) if isinstance(size, int) else size
-    image = torch.zeros(1, 3, height, width, device=device)
-    caption = factory.create_tokenizer(model_cfg)(["a photo of a small red circle"]).to(device)
+    image = torch.zeros(1, 3, height, width, device="meta")
+    caption = factory.create_tokenizer(model_cfg)(["a photo of a small red circle"]).to("meta")
+    weights = factory.meta_state(model)
     was_training = model.training
     model.eval()
     # With autograd on: under no_grad, nn.MultiheadAttention takes its fused fast path, which torch's
     # counter sees as one op without a formula (open_clip's ViT would lose its attention blocks).
+    # open_clip's forward(image, text) encodes only what it is given.
     with torch.enable_grad():
-        image_flops = count_flops(model.encode_image, image)
-        text_flops = count_flops(model.encode_text, caption)
+        image_flops = count_flops(torch.func.functional_call, model, weights, (image, None))
+        text_flops = count_flops(torch.func.functional_call, model, weights, (None, caption))
     model.train(was_training)
     image_params = _params(model.visual)
     return {"image_params": image_params, "text_params": _params(model) - image_params,

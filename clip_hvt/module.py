@@ -161,7 +161,7 @@ class CLIPModule(pl.LightningModule):
         self.loss_fn = build_loss(self.hparams.loss, rank=self.global_rank, world_size=self.trainer.world_size,
                                   distill=self.distill is not None and self.distill.clip_weight > 0)
         # Forward FLOPs per image and caption, counted once (meta device): ThroughputMonitor's TFLOP/s and MFU.
-        self.tower_costs = flops.model_costs(self.hparams.model_cfg)
+        self.tower_costs = flops.tower_costs(self.model, self.hparams.model_cfg)
 
     def encode(self, images: torch.Tensor, texts: torch.Tensor):
         if self.hparams.channels_last:
