@@ -440,10 +440,11 @@ def write_shards(samples: Iterable, output, opts: WriteOptions = WriteOptions(),
 
 # commands: python -m clip_hvt.data.convert {table,folder,coco} ...
 
-def _convert(convert: Callable[[], dict]) -> int:
-    """Run a conversion, print its stats; exit 1 when nothing was written."""
+def _convert(read: Callable[[], tuple], output: str, write: WriteOptions, source: str) -> int:
+    """Write the shards of what `read` lists (samples, source problems); print stats, exit 1 if none written."""
     try:
-        stats = convert()
+        samples, problems = read()
+        stats = write_shards(samples, output, write, problems, source=source)
     except (ValueError, FileNotFoundError, FileExistsError) as e:  # bad path, column, format, existing output
         raise UserError(str(e)) from e
     for split in stats['splits'].values():
@@ -466,8 +467,7 @@ def table(path: str, output: str, image_col: str = 'image', caption_col: str = '
         image_root: directory relative image paths start from (default: the table's).
         write: how shards are written.
     """
-    return _convert(lambda: write_shards(read_table(path, image_col, caption_col, image_root), output, write,
-                                         source=path))
+    return _convert(lambda: (read_table(path, image_col, caption_col, image_root), None), output, write, path)
 
 
 def folder(path: str, output: str, suffixes: list[str] = list(IMAGE_SUFFIXES),
@@ -480,7 +480,7 @@ def folder(path: str, output: str, suffixes: list[str] = list(IMAGE_SUFFIXES),
         suffixes: image file suffixes.
         write: how shards are written.
     """
-    return _convert(lambda: write_shards(read_folder(path, suffixes), output, write, source=path))
+    return _convert(lambda: (read_folder(path, suffixes), None), output, write, path)
 
 
 def coco(path: str, output: str, image_root: Optional[str] = None, write: WriteOptions = WriteOptions()) -> int:
@@ -492,10 +492,7 @@ def coco(path: str, output: str, image_root: Optional[str] = None, write: WriteO
         image_root: directory file_name is relative to (default: the JSON's).
         write: how shards are written.
     """
-    def convert():
-        samples, problems = read_coco(path, image_root)
-        return write_shards(samples, output, write, problems, source=path)
-    return _convert(convert)
+    return _convert(lambda: read_coco(path, image_root), output, write, path)
 
 
 def main(args: Optional[list] = None) -> None:
