@@ -37,13 +37,10 @@ def _embed(teacher: Teacher, batch: list, device: torch.device) -> list[dict]:
     image_f = teacher.model.encode_image(torch.stack(images).to(device), normalize=True).float().cpu().numpy()
     tokens = teacher.tokenizer([c for _, caps in targets for c in caps]).to(device)
     text_f = teacher.model.encode_text(tokens, normalize=True).float().cpu().numpy()
-    out, start = [], 0
-    for (sample, caps), image in zip(targets, image_f):
-        raw = {k: v for k, v in sample.items() if not k.startswith("__")}
-        raw[TARGET_MEMBERS[0]], raw[TARGET_MEMBERS[1]] = npy_bytes(image), npy_bytes(text_f[start:start + len(caps)])
-        start += len(caps)
-        out.append({"__key__": sample["__key__"], **raw})
-    return out
+    texts = np.split(text_f, np.cumsum([len(caps) for _, caps in targets])[:-1])  # each sample's captions
+    return [{"__key__": sample["__key__"], **{k: v for k, v in sample.items() if not k.startswith("__")},
+             TARGET_MEMBERS[0]: npy_bytes(image), TARGET_MEMBERS[1]: npy_bytes(text)}
+            for (sample, _), image, text in zip(targets, image_f, texts)]
 
 
 def add_teacher_features(shards: str, out: str, teacher: str, weights: str | None = None,
