@@ -37,7 +37,7 @@ PROG = "python -m clip_hvt.train"
 # a run is being built and trained (``main``), not for whoever imports this module.
 QUIET = (r"\.with_length\(\) only sets the value of __len__",  # we set it on purpose (epoch length)
          r"`isinstance\(treespec, LeafSpec\)` is deprecated",
-          r"torch.distributed.nn.functional.all_gather is deprecated",  # open_clip's loss; still exact
+         r"torch.distributed.nn.functional.all_gather is deprecated",  # open_clip's loss; still exact
          # DDP on depthwise convs ([C, 1, k, k]): the strides differ only on the size-1 dim
          r"Grad strides do not match bucket view strides",
          # --ckpt_path last with nothing to resume: we say so in one line (resume_notice)
