@@ -7,12 +7,14 @@ are checked as zero-shot shards. ``FINDINGS`` are shard-level faults training wo
 """
 from __future__ import annotations
 
+import itertools
 import json
 import multiprocessing
 import sys
 from collections import defaultdict
 from dataclasses import asdict, dataclass, field
 from functools import partial
+from operator import attrgetter
 from pathlib import Path
 from typing import Sequence
 
@@ -102,53 +104,33 @@ def find_shards(paths: Sequence) -> dict:
     return {directory: list(tars) for directory, tars in found.items()}
 
 
-def check_shards(tars: Sequence, workers: int = 1, caption_key: str = "txt",
-                 max_pixels: int = MAX_IMAGE_PIXELS) -> list:
-    """ShardReports in the order of ``tars``, checked by ``workers`` processes."""
-    check = partial(check_shard, caption_key=caption_key, max_pixels=max_pixels)
-    tars = [str(t) for t in tars]
-    if workers <= 1 or len(tars) <= 1:
-        return [check(t) for t in tqdm(tars, unit="shard", desc="checking shards")]
-    # the pool forks before tqdm starts its monitor thread: forking a threaded process can deadlock
-    with multiprocessing.Pool(min(workers, len(tars))) as pool:
-        return list(tqdm(pool.imap(check, tars), total=len(tars), unit="shard", desc="checking shards"))
-
-
-def _read_json(path: Path):
+def check_sizes(directory: Path, reports: Sequence, write: bool = False) -> list:
+    """Shards whose sample count differs from the count training reads (``shards.shard_sizes``); ``write``
+    first rewrites sizes.json from ``reports``, keeping entries of other shards that still exist."""
+    path = directory / SIZES_FILE
     try:
-        return json.loads(path.read_text())
+        sizes = json.loads(path.read_text())
     except (OSError, ValueError):
-        return None
-
-
-def count_problems(directory, reports: Sequence) -> list:
-    """Shards whose sample count differs from the count training reads (``shards.shard_sizes``)."""
-    where = str(Path(directory) / SIZES_FILE)
-    sizes = _read_json(Path(directory) / SIZES_FILE)
-    if (Path(directory) / SIZES_FILE).exists() and not isinstance(sizes, dict):
-        return [Problem("sizes_unreadable", where, SIZES_FILE, "not a JSON object; run with --write_sizes true")]
+        sizes = None
+    if write:
+        sizes = {k: v for k, v in (sizes if isinstance(sizes, dict) else {}).items() if (directory / k).exists()}
+        sizes.update({Path(r.shard).name: r.samples for r in reports})
+        path.write_text(json.dumps(dict(sorted(sizes.items())), indent=1))
+        print(f"wrote {path}")
+    if path.exists() and not isinstance(sizes, dict):
+        return [Problem("sizes_unreadable", str(path), SIZES_FILE, "not a JSON object; run with --write_sizes true")]
     problems = []
     for report in reports:
         expected = (shard_sizes([report.shard])[0] or {}).get(report.shard)
         if expected is None:
-            problems.append(Problem("sizes_missing", where, Path(report.shard).name, "run with --write_sizes true"))
+            problems.append(Problem("sizes_missing", str(path), Path(report.shard).name, "run with --write_sizes true"))
         elif expected != report.samples:
             problems.append(Problem("count_mismatch", report.shard, Path(report.shard).name, f"sizes.json / "
                                     f"_stats.json says {expected}, the shard holds {report.samples} readable samples"))
     for name in sorted(sizes or {}):
-        if not (Path(directory) / name).exists():
-            problems.append(Problem("count_mismatch", where, name, "listed shard does not exist"))
+        if not (directory / name).exists():
+            problems.append(Problem("count_mismatch", str(path), name, "listed shard does not exist"))
     return problems
-
-
-def save_sizes(directory, reports: Sequence) -> dict:
-    """Write sizes.json for the checked shards, keeping entries of other shards that still exist."""
-    directory = Path(directory)
-    old = _read_json(directory / SIZES_FILE)
-    sizes = {k: v for k, v in (old if isinstance(old, dict) else {}).items() if (directory / k).exists()}
-    sizes.update({Path(r.shard).name: r.samples for r in reports})
-    (directory / SIZES_FILE).write_text(json.dumps(dict(sorted(sizes.items())), indent=1))
-    return sizes
 
 
 def summarize(reports: Sequence, problems: Sequence, max_list: int = 20) -> str:
@@ -156,13 +138,10 @@ def summarize(reports: Sequence, problems: Sequence, max_list: int = 20) -> str:
     zeroshot = sum(r.task == "classification" for r in reports)
     lines = [f"{len(reports)} shards ({zeroshot} zero-shot), {sum(r.samples for r in reports)} samples, "
              f"{sum(r.usable for r in reports)} usable"]
-    by_reason = defaultdict(list)
-    for p in problems:
-        by_reason[p.reason].append(p)
-    for reason in sorted(by_reason):
-        found = by_reason[reason]
+    for reason, found in itertools.groupby(sorted(problems, key=attrgetter("reason")), key=attrgetter("reason")):
+        found = list(found)
         lines.append(f"{reason}: {len(found)}")
-        shown = found if max_list == 0 else found[:max_list]
+        shown = found[:max_list or None]
         lines.extend(f"  {p.shard}: {p.where}" + (f" ({p.detail})" if p.detail else "") for p in shown)
         if len(shown) < len(found):
             lines.append(f"  ... {len(found) - len(shown)} more")
@@ -187,13 +166,16 @@ def check(paths: str | list[str], workers: int = 1, caption_key: str = "txt", ma
         raise UserError("--workers and --max_image_pixels must be >= 1, --max_list >= 0")
     groups = find_shards([paths] if isinstance(paths, str) else paths)
     tars = [t for group in groups.values() for t in group]
-    reports = dict(zip(tars, check_shards(tars, workers, caption_key, max_image_pixels)))
+    check_one = partial(check_shard, caption_key=caption_key, max_pixels=max_image_pixels)
+    if workers == 1 or len(tars) == 1:
+        found = [check_one(t) for t in tqdm(tars, unit="shard", desc="checking shards")]
+    else:  # the pool forks before tqdm starts its monitor thread: forking a threaded process can deadlock
+        with multiprocessing.Pool(min(workers, len(tars))) as pool:
+            found = list(tqdm(pool.imap(check_one, tars), total=len(tars), unit="shard", desc="checking shards"))
+    reports = dict(zip(tars, found))
     problems = [p for r in reports.values() for p in r.problems]
     for directory, group in groups.items():
-        if write_sizes:
-            save_sizes(directory, [reports[t] for t in group])
-            print(f"wrote {directory / SIZES_FILE}")
-        problems += count_problems(directory, [reports[t] for t in group])
+        problems += check_sizes(directory, [reports[t] for t in group], write_sizes)
     print(summarize(list(reports.values()), problems, max_list))
     if report:
         Path(report).write_text(json.dumps({

@@ -33,18 +33,17 @@ from PIL import ExifTags, Image, ImageOps
 from tqdm import tqdm
 
 from ..cli import UserError, run
-from .sample import MAX_IMAGE_PIXELS, SkipSample, nonempty, open_image
+from .sample import MAX_IMAGE_PIXELS, SkipCounter, SkipSample, nonempty, open_image
 from .shards import SIZES_FILE
 
 __all__ = [
-    'SourceSample', 'WriteOptions', 'SkipLog', 'TableSamples', 'read_table', 'read_folder', 'read_coco',
+    'SourceSample', 'WriteOptions', 'TableSamples', 'read_table', 'read_folder', 'read_coco',
     'write_shards', 'table', 'folder', 'coco',
 ]
 
 IMAGE_SUFFIXES = ('.jpg', '.jpeg', '.png', '.webp', '.bmp', '.gif', '.tif', '.tiff')
 TABLE_FORMATS = {'.csv': 'csv', '.tsv': 'tsv', '.tab': 'tsv', '.parquet': 'parquet', '.pq': 'parquet'}
 STATS_FILE = 'stats.json'
-MAX_EXAMPLES = 5
 TABLE_CHUNK_ROWS = 65_536  # rows of a table read at a time
 TASKS_AHEAD_PER_WORKER = 2  # chunks handed to the pool ahead of the one waited for, per worker
 _TAR_MTIME = 1_700_000_000.0  # fixed: a rerun with the same inputs writes byte-identical shards
@@ -104,36 +103,7 @@ class WriteOptions:
                 raise UserError(message)
 
 
-class SkipLog:
-    """Counts per reason with the first few examples, mergeable across workers in task order."""
-
-    def __init__(self):
-        self.counts, self.examples = Counter(), defaultdict(list)
-
-    def add(self, reason: str, example: str, count: int = 1):
-        self.merge({reason: {'count': count, 'examples': [example]}})
-
-    def merge(self, other: dict):
-        for reason, entry in other.items():
-            self.counts[reason] += entry['count']
-            self.examples[reason] = (self.examples[reason] + entry['examples'])[:MAX_EXAMPLES]
-
-    def to_dict(self) -> dict:
-        return {r: {'count': self.counts[r], 'examples': self.examples[r]} for r in sorted(self.counts)}
-
-
 # source readers: list samples, open no image
-
-def _table_format(path: Path) -> str:
-    suffixes = [s.lower() for s in path.suffixes]
-    if suffixes and suffixes[-1] in ('.gz', '.bz2', '.xz', '.zst'):
-        suffixes.pop()  # pandas decompresses csv/tsv by extension
-    fmt = TABLE_FORMATS.get(suffixes[-1]) if suffixes else None
-    if fmt is None:
-        raise ValueError(f'{path}: unknown table format; valid suffixes: {", ".join(TABLE_FORMATS)} '
-                         f'(csv/tsv optionally compressed .gz/.bz2/.xz/.zst)')
-    return fmt
-
 
 def _read_delimited(path: Path, fmt: str, **kwargs) -> pd.DataFrame:
     if fmt == 'tsv':  # TSV has no quoting: captions with a leading '"' must not swallow the following rows
@@ -166,7 +136,6 @@ class TableSamples:
     image_col: str
     caption_col: str
     root: Path
-    rows: Optional[int] = None
 
     def __iter__(self) -> Iterator[SourceSample]:
         chunks = _table_chunks(self.path, self.fmt, list(dict.fromkeys((self.image_col, self.caption_col))))
@@ -177,7 +146,7 @@ class TableSamples:
                                captions=(_cell(caption),), meta={'row': row})
 
     def __length_hint__(self):
-        return NotImplemented if self.rows is None else self.rows
+        return pq.read_metadata(self.path).num_rows if self.fmt == 'parquet' else NotImplemented
 
 
 def read_table(path, image_col: str = 'image', caption_col: str = 'caption', image_root=None) -> TableSamples:
@@ -187,15 +156,19 @@ def read_table(path, image_col: str = 'image', caption_col: str = 'caption', ima
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f'table not found: {path}')
-    fmt = _table_format(path)
+    suffixes = [s.lower() for s in path.suffixes]
+    if suffixes and suffixes[-1] in ('.gz', '.bz2', '.xz', '.zst'):
+        suffixes.pop()  # pandas decompresses csv/tsv by extension
+    fmt = TABLE_FORMATS.get(suffixes[-1]) if suffixes else None
+    if fmt is None:
+        raise ValueError(f'{path}: unknown table format; valid suffixes: {", ".join(TABLE_FORMATS)} '
+                         f'(csv/tsv optionally compressed .gz/.bz2/.xz/.zst)')
     columns = pq.read_schema(path).names if fmt == 'parquet' else list(_read_delimited(path, fmt, nrows=0).columns)
     for flag, col in (('--image_col', image_col), ('--caption_col', caption_col)):
         if col not in columns:
             raise ValueError(f'{path}: column {col!r} ({flag}) does not exist; columns are: '
                              f'{", ".join(map(repr, columns))}')
-    rows = pq.read_metadata(path).num_rows if fmt == 'parquet' else None
-    root = Path(path.parent if image_root is None else image_root)
-    return TableSamples(path, fmt, image_col, caption_col, root, rows)
+    return TableSamples(path, fmt, image_col, caption_col, Path(path.parent if image_root is None else image_root))
 
 
 def read_folder(folder, suffixes: Sequence[str] = IMAGE_SUFFIXES) -> list:
@@ -222,7 +195,7 @@ def _require_keys(entries: list, keys: tuple, where: str):
 
 def read_coco(annotations, image_root=None) -> tuple:
     """Samples from a COCO captions JSON, one per image (sorted by id), keeping every caption in
-    file order. Returns (samples, problems) where problems is a SkipLog of annotations that
+    file order. Returns (samples, problems) where problems is a SkipCounter of annotations that
     belong to no listed image. `image_root` defaults to the JSON's directory."""
     annotations = Path(annotations)
     if not annotations.is_file():
@@ -242,21 +215,13 @@ def read_coco(annotations, image_root=None) -> tuple:
     samples = [SourceSample(key=f'{i:09d}', image=str(root / im['file_name']), split_id=im['file_name'],
                             captions=tuple(captions.get(im['id'], ())), keep_all_captions=True,
                             meta={'image_id': im['id']}) for i, im in enumerate(images)]
-    problems = SkipLog()
+    problems = SkipCounter(log_first=None)
     for image_id in sorted(set(captions) - {im['id'] for im in images}, key=str):
         problems.add('annotation for unknown image_id', str(image_id), count=len(captions[image_id]))
     return samples, problems
 
 
 # image decoding and sample encoding (runs in workers)
-
-def _to_rgb(img: Image.Image) -> Image.Image:
-    if img.mode in ('RGBA', 'LA', 'PA') or (img.mode == 'P' and 'transparency' in img.info):
-        # transparent areas become white rather than whatever colour sits under the alpha
-        rgba = img.convert('RGBA')
-        return Image.alpha_composite(Image.new('RGBA', rgba.size, (255, 255, 255, 255)), rgba).convert('RGB')
-    return img.convert('RGB') if img.mode != 'RGB' else img
-
 
 def resized_size(size: tuple, short_side: int, upscale: bool = False) -> tuple:
     """(w, h) with the shortest side at `short_side` and the aspect kept; unchanged when
@@ -297,7 +262,12 @@ def encode_sample(sample: SourceSample, opts: WriteOptions) -> dict:
     try:
         if img.getexif().get(ExifTags.Base.Orientation, 1) in (5, 6, 7, 8):  # 90 degree turns
             original = original[::-1]
-        img = _to_rgb(ImageOps.exif_transpose(img))
+        img = ImageOps.exif_transpose(img)
+        if img.mode in ('RGBA', 'LA', 'PA') or (img.mode == 'P' and 'transparency' in img.info):
+            # transparent areas become white rather than whatever colour sits under the alpha
+            rgba = img.convert('RGBA')
+            img = Image.alpha_composite(Image.new('RGBA', rgba.size, (255, 255, 255, 255)), rgba)
+        img = img.convert('RGB') if img.mode != 'RGB' else img
         size = resized_size(img.size, opts.resize, opts.upscale)
         if size != img.size:
             img = img.resize(size, Image.Resampling.LANCZOS, reducing_gap=3.0)
@@ -332,7 +302,7 @@ def _write_chunk(task) -> dict:
     maxsize cuts it). Returns the tmpdir, the shards with their counts and the skip log, plain
     data only."""
     chunk, tmpdir, samples, opts = task
-    log, shards, writer = SkipLog(), Counter(), None
+    log, shards, writer = SkipCounter(log_first=None), Counter(), None
     for sample in samples:
         try:
             encoded = encode_sample(sample, opts)
@@ -423,7 +393,7 @@ def _run_chunks(tasks: Iterable, total: Optional[int], workers: int) -> Iterator
 
 
 def write_shards(samples: Iterable, output, opts: WriteOptions = WriteOptions(),
-                 source_problems: Optional[SkipLog] = None, source: str = '') -> dict:
+                 source_problems: Optional[SkipCounter] = None, source: str = '') -> dict:
     """Write `samples` as WebDataset shards under `output`; returns (and writes) stats.json.
     `samples` is read once, while shards are written; the progress bar's total is its
     `operator.length_hint` (none for a plain iterator)."""
@@ -432,13 +402,12 @@ def write_shards(samples: Iterable, output, opts: WriteOptions = WriteOptions(),
     _prepare_output(output, opts.overwrite)
     split_dirs = {'shard': output} if opts.val_fraction == 0 else {n: output / n for n in ('train', 'val')}
     tmpdirs = {name: output / f'.partial-{name}' for name in split_dirs}
-    for name, directory in split_dirs.items():
-        directory.mkdir(parents=True, exist_ok=True)
-        tmpdirs[name].mkdir()
+    for directory in [*split_dirs.values(), *tmpdirs.values()]:
+        directory.mkdir(exist_ok=True)
     split_of_tmpdir = {str(tmpdir): name for name, tmpdir in tmpdirs.items()}
     total = operator.length_hint(samples, -1)
     # per split in task order: the shards written, and skips merged as they were in one list of tasks
-    shards, logs = {name: [] for name in split_dirs}, {name: SkipLog() for name in split_dirs}
+    shards, logs = {name: [] for name in split_dirs}, {name: SkipCounter(log_first=None) for name in split_dirs}
     try:
         with closing(_run_chunks(_chunk_tasks(samples, tmpdirs, opts), total if total >= 0 else None,
                                  opts.workers)) as results:
@@ -451,7 +420,7 @@ def write_shards(samples: Iterable, output, opts: WriteOptions = WriteOptions(),
         for tmpdir in tmpdirs.values():
             shutil.rmtree(tmpdir, ignore_errors=True)
         raise
-    log, splits = SkipLog(), {}
+    log, splits = SkipCounter(log_first=None), {}
     for name, directory in split_dirs.items():
         sizes = {}
         for tmp_name, count in shards[name]:
@@ -463,7 +432,7 @@ def write_shards(samples: Iterable, output, opts: WriteOptions = WriteOptions(),
         splits[name] = {'directory': str(directory), 'samples': sum(sizes.values()), 'shards': len(sizes)}
         log.merge(logs[name].to_dict())
     stats = {'source': source, 'written': sum(s['samples'] for s in splits.values()),
-             'skipped': sum(log.counts.values()), 'skip_reasons': log.to_dict(), 'splits': splits,
+             'skipped': sum(log.total.values()), 'skip_reasons': log.to_dict(), 'splits': splits,
              'source_problems': source_problems.to_dict() if source_problems else {}, 'options': asdict(opts)}
     (output / STATS_FILE).write_text(json.dumps(stats, indent=1))
     return stats
@@ -471,10 +440,11 @@ def write_shards(samples: Iterable, output, opts: WriteOptions = WriteOptions(),
 
 # commands: python -m clip_hvt.data.convert {table,folder,coco} ...
 
-def _convert(convert: Callable[[], dict]) -> int:
-    """Run a conversion, print its stats; exit 1 when nothing was written."""
+def _convert(read: Callable[[], tuple], output: str, write: WriteOptions, source: str) -> int:
+    """Write the shards of what `read` lists (samples, source problems); print stats, exit 1 if none written."""
     try:
-        stats = convert()
+        samples, problems = read()
+        stats = write_shards(samples, output, write, problems, source=source)
     except (ValueError, FileNotFoundError, FileExistsError) as e:  # bad path, column, format, existing output
         raise UserError(str(e)) from e
     for split in stats['splits'].values():
@@ -497,8 +467,7 @@ def table(path: str, output: str, image_col: str = 'image', caption_col: str = '
         image_root: directory relative image paths start from (default: the table's).
         write: how shards are written.
     """
-    return _convert(lambda: write_shards(read_table(path, image_col, caption_col, image_root), output, write,
-                                         source=path))
+    return _convert(lambda: (read_table(path, image_col, caption_col, image_root), None), output, write, path)
 
 
 def folder(path: str, output: str, suffixes: list[str] = list(IMAGE_SUFFIXES),
@@ -511,7 +480,7 @@ def folder(path: str, output: str, suffixes: list[str] = list(IMAGE_SUFFIXES),
         suffixes: image file suffixes.
         write: how shards are written.
     """
-    return _convert(lambda: write_shards(read_folder(path, suffixes), output, write, source=path))
+    return _convert(lambda: (read_folder(path, suffixes), None), output, write, path)
 
 
 def coco(path: str, output: str, image_root: Optional[str] = None, write: WriteOptions = WriteOptions()) -> int:
@@ -523,10 +492,7 @@ def coco(path: str, output: str, image_root: Optional[str] = None, write: WriteO
         image_root: directory file_name is relative to (default: the JSON's).
         write: how shards are written.
     """
-    def convert():
-        samples, problems = read_coco(path, image_root)
-        return write_shards(samples, output, write, problems, source=path)
-    return _convert(convert)
+    return _convert(lambda: read_coco(path, image_root), output, write, path)
 
 
 def main(args: Optional[list] = None) -> None:

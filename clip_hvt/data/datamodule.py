@@ -4,7 +4,6 @@ training batches per epoch, so DDP never waits on a rank that ran out.
 """
 from __future__ import annotations
 
-import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Sequence
@@ -18,8 +17,6 @@ from . import synthetic
 from .pipeline import eval_loader, normalize_uint8, split_normalize, train_loader
 from .sample import MAX_IMAGE_PIXELS
 from .shards import count_samples, expand_sources
-
-log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -61,25 +58,12 @@ class WebDataModule(pl.LightningDataModule):
             tokenized the live teacher's way when its tokenizer differs.
     """
 
-    def __init__(
-        self,
-        train_shards: str | None = None,
-        val_shards: str | None = None,
-        shapes: Shapes | None = None,
-        batch_size: int = 256,
-        val_batch_size: int | None = None,
-        num_workers: int = 4,
-        train_num_samples: int | None = None,
-        source_weights: Sequence[float] | None = None,
-        caption_key: str | list[str] = "txt",
-        val_caption_key: str | None = None,
-        sample_shuffle: int = 2000,
-        max_image_pixels: int = MAX_IMAGE_PIXELS,
-        seed: int = 0,
-        aug_cfg: dict | None = None,
-        model_cfg: dict | None = None,
-        distill: Distill | None = None,
-    ):
+    def __init__(self, train_shards: str | None = None, val_shards: str | None = None, shapes: Shapes | None = None,
+                 batch_size: int = 256, val_batch_size: int | None = None, num_workers: int = 4,
+                 train_num_samples: int | None = None, source_weights: Sequence[float] | None = None,
+                 caption_key: str | list[str] = "txt", val_caption_key: str | None = None, sample_shuffle: int = 2000,
+                 max_image_pixels: int = MAX_IMAGE_PIXELS, seed: int = 0, aug_cfg: dict | None = None,
+                 model_cfg: dict | None = None, distill: Distill | None = None):
         super().__init__()
         if shapes is not None and train_shards is not None:
             raise ValueError("data.shapes and data.train_shards are both set: give one (--data.shapes null to "

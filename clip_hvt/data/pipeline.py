@@ -18,7 +18,7 @@ import torchvision.transforms.functional as TF
 import webdataset as wds
 
 from .sample import (MAX_IMAGE_PIXELS, TARGET_MEMBERS, SkipCounter, SkipSample, captions, decode_sample, label, npy,
-                     read_tar, where)
+                     read_tar)
 from .shards import WeightedResampledShards
 
 
@@ -46,7 +46,7 @@ def decode(samples: Iterator[dict], transform: Callable, target: Callable, count
             img, value = decode_sample(sample, target, max_pixels, min_side)
             yield transform(img), value
         except SkipSample as skip:
-            counter.add(skip.reason, where(sample))
+            counter.add(skip.reason, f"{sample.get('__url__', '?')}:{sample.get('__key__', '?')}")
 
 
 def random_caption(sample: dict, rng: random.Random, keys: Sequence[str]) -> str:
@@ -110,11 +110,9 @@ def train_loader(sources: list[list[str]], transform: Callable, tokenizer: Calla
 
 
 def share(urls: Sequence[str], rank: int, world_size: int, worker: int = 0, num_workers: int = 1):
-    """(shards, every, offset): this reader reads ``shards`` and keeps samples ``i % every == offset``.
-
-    Shards are split by rank, then by worker; a level with fewer shards than parts splits by sample
-    instead (all its readers read the same shards), and every level below it then does too.
-    """
+    """(shards, every, offset): this reader reads ``shards`` and keeps samples ``i % every == offset``. Shards
+    are split by rank, then by worker; a level with fewer shards than parts splits by sample instead (all its
+    readers read the same shards), and every level below it then does too."""
     urls, every, offset = list(urls), 1, 0
     for part, parts in ((rank, world_size), (worker, num_workers)):
         if every == 1 and len(urls) >= parts:
@@ -133,29 +131,29 @@ def _eval_samples(urls: Sequence[str], rank: int, world_size: int, counter: Skip
     yield from itertools.islice(samples, offset, None, every)
 
 
-def _eval_batches(items: Iterator[tuple], batch_size: int, collate_fn: Callable, counter: SkipCounter) -> Iterator[dict]:
-    """Batches of ``batch_size`` as soon as they are full; skips met after the last one come in an
-    extra batch without images."""
+def _eval_batches(items: Iterator[tuple], batch_size: int, counter: SkipCounter, key: str,
+                  tokenizer: Callable | None) -> Iterator[dict]:
+    """Batches as soon as they are full (``wds.batched`` waits for the next item, and the skips met
+    meanwhile); skips met after the last batch come in an extra batch without images."""
+    def collate(items: list[tuple], skipped: torch.Tensor) -> dict:
+        images = torch.stack([i for i, _ in items]) if items else torch.empty(0)
+        targets = [t for _, t in items]
+        if key == "label":
+            return {"image": images, "label": torch.tensor(targets, dtype=torch.long), "skipped": skipped}
+        batch = {"image": images, "captions": targets, "skipped": skipped}
+        if tokenizer is not None:
+            batch["text"] = tokenizer([c[0] for c in targets])
+        return batch
+
     batch = []
     for item in items:
         batch.append(item)
         if len(batch) == batch_size:
-            yield collate_fn(batch, counter.take())
+            yield collate(batch, counter.take())
             batch = []
     skipped = counter.take()
     if batch or skipped.any():
-        yield collate_fn(batch, skipped)
-
-
-def _eval_collate(items: list[tuple], skipped: torch.Tensor, key: str, tokenizer: Callable | None) -> dict:
-    images = torch.stack([i for i, _ in items]) if items else torch.empty(0)
-    targets = [t for _, t in items]
-    if key == "label":
-        return {"image": images, "label": torch.tensor(targets, dtype=torch.long), "skipped": skipped}
-    batch = {"image": images, "captions": targets, "skipped": skipped}
-    if tokenizer is not None:
-        batch["text"] = tokenizer([c[0] for c in targets])
-    return batch
+        yield collate(batch, skipped)
 
 
 def eval_loader(urls: Sequence[str], transform: Callable, batch_size: int,
@@ -179,8 +177,7 @@ def eval_loader(urls: Sequence[str], transform: Callable, batch_size: int,
         lambda: _eval_samples(urls, rank, world_size, counter, read),
         partial(decode, transform=transform, target=target, counter=counter, max_pixels=max_pixels,
                 min_side=min_side),
-        partial(_eval_batches, batch_size=batch_size, counter=counter,
-                collate_fn=partial(_eval_collate, key=key, tokenizer=tokenizer)),
+        partial(_eval_batches, batch_size=batch_size, counter=counter, key=key, tokenizer=tokenizer),
     )
     return wds.WebLoader(pipeline, batch_size=None, num_workers=num_workers)
 

@@ -17,6 +17,7 @@ import json
 import logging
 import tarfile
 import warnings
+from collections import Counter, defaultdict
 from typing import Iterator
 
 import numpy as np
@@ -46,6 +47,7 @@ SKIP_REASONS = {  # new reasons go at the end: checkpoints of SkipMonitor store 
 MAX_IMAGE_PIXELS = 64_000_000  # images with more pixels are skipped; 8k x 8k, far above any training size
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
 PICKLE_SUFFIXES = ("pyd", "pickle", "pkl", "pth", "pt")
+MAX_EXAMPLES = 5  # examples kept per skip reason
 TARGET_MEMBERS = ("teacher_image.npy", "teacher_text.npy")  # stored teacher targets: image [D], captions [n, D]
 
 
@@ -59,35 +61,36 @@ class SkipSample(Exception):
 
 
 class SkipCounter:
-    """Per-worker skip counts by reason; ``take()`` hands over what was counted since the last call."""
+    """Skip counts by reason with their first few examples: the loader's workers log as they count and
+    hand over new counts per batch (``take``); the converter merges its workers' ``to_dict()`` in task order."""
 
-    def __init__(self, log_first: int = 5):
-        self.total = dict.fromkeys(SKIP_REASONS, 0)
-        self._pending = dict.fromkeys(SKIP_REASONS, 0)
+    def __init__(self, log_first: int | None = 5):  # None: never log
+        self.total, self.examples, self._pending = Counter(), defaultdict(list), Counter()
         self.log_first = log_first
 
-    def add(self, reason: str, where: str) -> None:
-        self.total[reason] += 1
-        self._pending[reason] += 1
+    def add(self, reason: str, where: str, count: int = 1) -> None:
+        self.merge({reason: {"count": count, "examples": [where]}})
         n = self.total[reason]
-        if n <= self.log_first or n % 1000 == 0:
+        if self.log_first is not None and (n <= self.log_first or n % 1000 == 0):
             log.warning("skipped %s: %s (%d so far for this reason in this worker)", where, reason, n)
 
+    def merge(self, other: dict) -> None:
+        for reason, entry in other.items():
+            self.total[reason] += entry["count"]
+            self._pending[reason] += entry["count"]
+            self.examples[reason] = (self.examples[reason] + entry["examples"])[:MAX_EXAMPLES]
+
+    def to_dict(self) -> dict:
+        return {r: {"count": self.total[r], "examples": self.examples[r]} for r in sorted(self.total)}
+
     def take(self) -> torch.Tensor:
-        counts = torch.tensor(list(self._pending.values()), dtype=torch.long)
-        self._pending = dict.fromkeys(SKIP_REASONS, 0)
+        """The counts since the last call, one per ``SKIP_REASONS`` key."""
+        counts = torch.tensor([self._pending[r] for r in SKIP_REASONS], dtype=torch.long)
+        self._pending.clear()
         return counts
 
 
 # member rules and the tar reader
-
-def split_member(name: str) -> tuple[str, str] | None:
-    """(key, lower-case extension) of a member name; None for metadata or a name without extension."""
-    key, ext = base_plus_ext(name)
-    if key is None or key.rsplit("/", 1)[-1].startswith("__"):
-        return None
-    return key, ext.lower()
-
 
 def read_tar(url: str, **extra) -> Iterator[dict]:
     """Complete samples ``{"__key__", "__url__", **extra, ext: bytes}`` of one shard, in order; raises
@@ -98,10 +101,10 @@ def read_tar(url: str, **extra) -> Iterator[dict]:
         with open_url(url) as stream, tarfile.open(fileobj=stream, mode="r|*") as tar:
             for info in tar:
                 tar.members = []  # stream mode would otherwise keep every header of the shard
-                parts = split_member(info.name) if info.isreg() else None
-                if parts is None:
+                key, ext = base_plus_ext(info.name) if info.isreg() else (None, None)
+                if key is None or key.rsplit("/", 1)[-1].startswith("__"):  # no extension, or metadata
                     continue
-                key, ext = parts
+                ext = ext.lower()
                 if sample is not None and key != sample["__key__"]:
                     yield sample
                     sample = None
@@ -119,10 +122,6 @@ def read_tar(url: str, **extra) -> Iterator[dict]:
         raise SkipSample("corrupt_shard", f"{url} ({type(exn).__name__}: {exn})") from None
     if sample is not None:
         yield sample
-
-
-def where(sample: dict) -> str:
-    return f"{sample.get('__url__', '?')}:{sample.get('__key__', '?')}"
 
 
 # decoding: image, captions, label
@@ -149,15 +148,6 @@ def open_image(data: bytes, max_pixels: int = MAX_IMAGE_PIXELS, min_side: int = 
         raise SkipSample("image_too_large", str(exn)) from None
     except Exception as exn:  # PIL raises many types for broken bytes (OSError, SyntaxError, ValueError...)
         raise SkipSample("undecodable_image", f"{type(exn).__name__}: {exn}") from None
-
-
-def image(sample: dict, max_pixels: int = MAX_IMAGE_PIXELS, min_side: int = 0) -> Image.Image:
-    """The sample's image as RGB (see ``open_image``); ``no_image`` when it has none."""
-    key = next((k for k in IMAGE_KEYS if k in sample), None)
-    if key is None:
-        raise SkipSample("no_image", f"members: {sorted(k for k in sample if not k.startswith('__'))}")
-    img, _ = open_image(sample[key], max_pixels, min_side)
-    return img if img.mode == "RGB" else img.convert("RGB")
 
 
 def captions(sample: dict, key: str = "txt") -> list[str]:
@@ -199,11 +189,9 @@ def npy(sample: dict, ext: str) -> np.ndarray:
         raise SkipSample("no_teacher_target", f"no {ext} member")
     try:
         return np.load(io.BytesIO(sample[ext]), allow_pickle=False)
-    except ValueError as exn:
+    except (ValueError, OSError) as exn:  # OSError: not an .npy at all
         if "allow_pickle" in str(exn):  # numpy's refusal of an object array
             raise SkipSample("npy_needs_pickle", ext) from None
-        raise SkipSample("no_teacher_target", f"{ext}: {exn}") from None
-    except OSError as exn:  # not an .npy at all
         raise SkipSample("no_teacher_target", f"{ext}: {exn}") from None
 
 
@@ -220,11 +208,16 @@ def label(sample: dict, num_classes: int | None = None) -> int:
 
 def decode_sample(sample: dict, target, max_pixels: int = MAX_IMAGE_PIXELS, min_side: int = 0):
     """(RGB image, ``target(sample)``), or ``SkipSample`` with the one reason every reader counts; checked
-    in this order: members (pickle-like, duplicate), the target (caption or label), the image."""
+    in this order: members (pickle-like, duplicate), the target (caption or label), the image (the first
+    of ``IMAGE_KEYS``, see ``open_image``)."""
     pickled = [k for k in sample if not k.startswith("__") and k.rsplit(".", 1)[-1] in PICKLE_SUFFIXES]
     if pickled:
         raise SkipSample("pickle_member", ", ".join(pickled))
     if "__duplicate__" in sample:
         raise SkipSample("duplicate_member", sample["__duplicate__"])
     value = target(sample)
-    return image(sample, max_pixels, min_side), value
+    key = next((k for k in IMAGE_KEYS if k in sample), None)
+    if key is None:
+        raise SkipSample("no_image", f"members: {sorted(k for k in sample if not k.startswith('__'))}")
+    img, _ = open_image(sample[key], max_pixels, min_side)
+    return (img if img.mode == "RGB" else img.convert("RGB")), value

@@ -79,8 +79,7 @@ def expand_sources(spec: str | Sequence[str]) -> list[list[str]]:
         for kind_url in {scheme(u): u for u in urls}.values():
             check_scheme(part, kind_url)
         urls = [match for url in urls for match in _glob(url)]
-        local = [u for u in urls if is_local(u)]
-        missing = [u for u in local if not os.path.isfile(_local_path(u))]
+        missing = [u for u in urls if is_local(u) and not os.path.isfile(_local_path(u))]
         if missing and len(missing) == len(urls):
             raise FileNotFoundError(_no_match_message(part, urls))
         if missing:
@@ -132,7 +131,8 @@ def open_url(url: str) -> Iterator[BinaryIO]:
     error = None
     try:
         yield stream
-        if not _drained(stream):  # more than a tar's end padding after the archive: not ours to judge
+        # read what follows the archive (a tar's record padding); more than 1 MiB is not ours to judge
+        if len(stream.stream.read(1 << 20)) == 1 << 20:
             _stop(stream)
             return
     except GeneratorExit:  # the reader was closed mid-shard (epoch end): not the command's failure
@@ -153,16 +153,6 @@ def open_url(url: str) -> Iterator[BinaryIO]:
         raise ShardReadError(f"command `{command}` exited with status {status}") from error
     if error:
         raise error
-
-
-def _drained(stream: Pipe, limit: int = 1 << 20) -> bool:
-    """Read what follows the end-of-archive block (a tar's record padding) up to ``limit`` bytes."""
-    while limit > 0:
-        chunk = stream.stream.read(min(limit, 1 << 16))
-        if not chunk:
-            return True
-        limit -= len(chunk)
-    return False
 
 
 def _stop(stream: Pipe) -> None:
@@ -215,10 +205,7 @@ def _read_json(url: str) -> tuple[dict | None, str]:
 
 def _stats_count(url: str) -> tuple[int | None, str]:
     """img2dataset's ``NNNNN_stats.json`` beside shard ``NNNNN.tar``: its ``successes``."""
-    shard = _shard_name(url)
-    stats_url = beside(url, shard[0].rsplit(".", 1)[0] + "_stats.json") if shard else None
-    if stats_url is None:
-        return None, "cannot name a file beside this command's shard"
+    stats_url = beside(url, _shard_name(url)[0].rsplit(".", 1)[0] + "_stats.json")  # shard_sizes checked the name
     table, why = _read_json(stats_url)
     return (int(table["successes"]), "") if table else (None, f"{stats_url}: {why}")
 
@@ -247,8 +234,7 @@ def shard_sizes(urls: Sequence[str]) -> tuple[dict[str, int] | None, str]:
     first, why = _stats_count(unlisted[0])  # a missing count stops here, before fetching the rest
     if first is None:
         return None, f"not in sizes.json and no img2dataset stats ({why})"
-    remote = not is_local(unlisted[0])
-    with ThreadPoolExecutor(32 if remote else 1) as pool:  # remote: one request per shard, in parallel
+    with ThreadPoolExecutor(1 if is_local(unlisted[0]) else 32) as pool:  # remote: one request per shard, in parallel
         counts = list(pool.map(_stats_count, unlisted[1:]))
     for url, (count, why) in zip(unlisted, [(first, "")] + counts):
         if count is None:

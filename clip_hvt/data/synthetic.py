@@ -161,19 +161,15 @@ def _zeroshot(rng: random.Random, per_class: int, image_size: int):
 LAYOUT = frozenset({"train", "val", "zeroshot", "manifest.json"})  # all that a set holds at its top level
 
 
-def is_shapes_set(root: str | os.PathLike) -> bool:
-    """True if ``root`` holds a shapes set written by this module (any version), and nothing else."""
-    manifest = _manifest(Path(root))
-    # Every version's manifest is asdict(ShapesConfig): a dict with an integer version and seed.
-    return (isinstance(manifest, dict) and isinstance(manifest.get("version"), int)
-            and isinstance(manifest.get("seed"), int) and {p.name for p in Path(root).iterdir()} <= LAYOUT)
-
-
 def _check_replaceable(root: Path) -> None:
-    """Raise unless ``root`` is absent, an empty directory or a shapes set: never delete user files."""
+    """Raise unless ``root`` is absent, an empty directory or a shapes set (of any version, and nothing
+    else): never delete user files."""
     if not root.exists() and not root.is_symlink():
         return
-    if root.is_dir() and (not any(root.iterdir()) or is_shapes_set(root)):
+    manifest = _manifest(root)
+    # every version's manifest is asdict(ShapesConfig): a dict with an integer version and seed
+    ours = isinstance(manifest, dict) and all(isinstance(manifest.get(k), int) for k in ("version", "seed"))
+    if root.is_dir() and (not any(root.iterdir()) or (ours and {p.name for p in root.iterdir()} <= LAYOUT)):
         return
     what = "holds files that are not a shapes set" if root.is_dir() else "is not a directory"
     raise FileExistsError(
@@ -201,26 +197,21 @@ def generate(root: str | os.PathLike, cfg: ShapesConfig = ShapesConfig()) -> Pat
         (tmp / "zeroshot" / "templates.json").write_text(json.dumps(list(ZEROSHOT_TEMPLATES), indent=1))
         (tmp / "manifest.json").write_text(json.dumps(asdict(cfg), indent=1))
         _check_replaceable(root)  # again: something may have been written there meanwhile
-        _replace(root, tmp, cfg)
+        old = root.with_name(root.name + f".old{os.getpid()}")  # the previous set, removed once replaced
+        if root.exists():
+            shutil.rmtree(old, ignore_errors=True)
+            root.rename(old)
+        try:
+            tmp.rename(root)
+        except OSError:
+            if not is_complete(root, cfg):  # else another process just put the same set there
+                if old.exists() and not root.exists():
+                    old.rename(root)  # put the previous set back
+                raise
+        shutil.rmtree(old, ignore_errors=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)  # only left on failure: a successful run renamed it away
     return given
-
-
-def _replace(root: Path, tmp: Path, cfg: ShapesConfig) -> None:
-    """Put the complete set ``tmp`` at ``root``; the old one is moved aside first, then removed."""
-    old = root.with_name(root.name + f".old{os.getpid()}")
-    if root.exists():
-        shutil.rmtree(old, ignore_errors=True)
-        root.rename(old)
-    try:
-        tmp.rename(root)
-    except OSError:
-        if not is_complete(root, cfg):  # else another process just put the same set there
-            if old.exists() and not root.exists():
-                old.rename(root)  # put the previous set back
-            raise
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def is_complete(root: str | os.PathLike, cfg: ShapesConfig) -> bool:

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import io
 import json
-import sys
-from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -21,8 +19,10 @@ import webdataset as wds
 
 from ..cli import UserError, run
 from ..distill import Distill, Teacher
-from .sample import TARGET_MEMBERS, SkipSample, captions, decode_sample, read_tar, where
+from .pipeline import decode, read_shards
+from .sample import TARGET_MEMBERS, SkipCounter, captions
 from .shards import SIZES_FILE, expand_sources
+
 
 def npy_bytes(array: np.ndarray) -> bytes:
     buffer = io.BytesIO()
@@ -31,34 +31,16 @@ def npy_bytes(array: np.ndarray) -> bytes:
 
 
 @torch.no_grad()
-def _embed(teacher: Teacher, preprocess, batch: list, device: torch.device) -> list[dict]:
-    model = teacher.model
-    images = torch.stack([preprocess(img) for _, img, _ in batch]).to(device)
-    image_f = model.encode_image(images, normalize=True).float().cpu().numpy()
-    texts = [caps for _, _, caps in batch]
-    text_f = model.encode_text(teacher.tokenizer([c for caps in texts for c in caps]).to(device),
-                               normalize=True).float().cpu().numpy()
-    out, start = [], 0
-    for (sample, _, caps), image in zip(batch, image_f):
-        raw = {k: v for k, v in sample.items() if not k.startswith("__")}
-        raw[TARGET_MEMBERS[0]], raw[TARGET_MEMBERS[1]] = npy_bytes(image), npy_bytes(text_f[start:start + len(caps)])
-        start += len(caps)
-        out.append({"__key__": sample["__key__"], **raw})
-    return out
-
-
-def _usable(url: str, caption_key: str, skipped: Counter):
-    """(sample, image, captions) of the samples of one shard the training reader would use; skips counted."""
-    try:
-        for sample in read_tar(url):
-            try:
-                yield (sample, *decode_sample(sample, lambda s: captions(s, caption_key)))
-            except SkipSample as skip:
-                skipped[skip.reason] += 1
-                print(f"skipped {where(sample)}: {skip}", file=sys.stderr)
-    except SkipSample as skip:  # a broken shard: what was read before the break is kept
-        skipped[skip.reason] += 1
-        print(f"skipped {skip}", file=sys.stderr)
+def _embed(teacher: Teacher, batch: list, device: torch.device) -> list[dict]:
+    """The samples of ``batch`` ((image tensor, (sample, captions)) pairs) with their teacher targets."""
+    images, targets = zip(*batch)
+    image_f = teacher.model.encode_image(torch.stack(images).to(device), normalize=True).float().cpu().numpy()
+    tokens = teacher.tokenizer([c for _, caps in targets for c in caps]).to(device)
+    text_f = teacher.model.encode_text(tokens, normalize=True).float().cpu().numpy()
+    texts = np.split(text_f, np.cumsum([len(caps) for _, caps in targets])[:-1])  # each sample's captions
+    return [{"__key__": sample["__key__"], **{k: v for k, v in sample.items() if not k.startswith("__")},
+             TARGET_MEMBERS[0]: npy_bytes(image), TARGET_MEMBERS[1]: npy_bytes(text)}
+            for (sample, _), image, text in zip(targets, image_f, texts)]
 
 
 def add_teacher_features(shards: str, out: str, teacher: str, weights: str | None = None,
@@ -87,19 +69,22 @@ def add_teacher_features(shards: str, out: str, teacher: str, weights: str | Non
     # open_clip's evaluation transform for the teacher's preprocess config, as create_model_and_transforms
     preprocess = open_clip.transform.image_transform_v2(
         open_clip.transform.PreprocessCfg(**model.model.visual.preprocess_cfg), is_train=False)
-    skipped, sizes = Counter(), {}
+    # the training reader's stages: the samples it would use, skips counted and logged under its reasons
+    counter, sizes = SkipCounter(), {}
     for url in urls:
         with wds.TarWriter(str(out_dir / Path(url).name)) as sink:
             sizes[Path(url).name] = 0
-            for batch in wds.batched(batch_size, collation_fn=None)(_usable(url, caption_key, skipped)):
-                for sample in _embed(model, preprocess, batch, torch.device(device)):
+            items = decode(read_shards([{"url": url}], counter), preprocess,
+                           lambda sample, rng: (sample, captions(sample, caption_key)), counter)
+            for batch in wds.batched(batch_size, collation_fn=None)(items):
+                for sample in _embed(model, batch, torch.device(device)):
                     sink.write(sample)
                 sizes[Path(url).name] += len(batch)
     (out_dir / SIZES_FILE).write_text(json.dumps(sizes, indent=1))
     total = sum(sizes.values())
     print(f"wrote {total} samples with teacher targets to {out_dir} ({len(sizes)} shards); skipped "
-          + (", ".join(f"{k}={n}" for k, n in sorted(skipped.items())) or "none"))
-    return {"written": total, "skipped": dict(skipped)}
+          + (", ".join(f"{k}={n}" for k, n in sorted(counter.total.items())) or "none"))
+    return {"written": total, "skipped": dict(counter.total)}
 
 
 def main(args: list[str] | None = None) -> dict:
