@@ -167,6 +167,21 @@ def test_write_sizes_counts_the_samples_the_reader_yields(tmp_path, capsys):
     assert [p["reason"] for p in report["problems"]] == ["undecodable_image"]
 
 
+def test_write_sizes_still_compares_with_what_the_writer_recorded(tmp_path, capsys):
+    # img2dataset says 5, the shard holds 3: rewriting sizes.json must not hide the loss
+    write_tar(tmp_path / "00000.tar", [(f"{i:04d}", good(i)) for i in range(3)])
+    (tmp_path / "00000_stats.json").write_text(json.dumps({"successes": 5}))
+    assert run_check("--paths", tmp_path, "--write_sizes", "true") == 1
+    assert "_stats.json says 5, the shard holds 3 readable samples" in capsys.readouterr().out
+    assert json.loads((tmp_path / "sizes.json").read_text()) == {"00000.tar": 3}
+    # what the write repairs is no problem: a listed shard that is gone, an unreadable sizes.json
+    (tmp_path / "sizes.json").write_text(json.dumps({"00000.tar": 3, "00001.tar": 9}))
+    assert run_check("--paths", tmp_path, "--write_sizes", "true") == 0
+    assert json.loads((tmp_path / "sizes.json").read_text()) == {"00000.tar": 3}
+    (tmp_path / "sizes.json").write_text("[3]")
+    assert run_check("--paths", tmp_path, "--write_sizes", "true") == 0
+
+
 def test_user_errors_end_in_one_line(tmp_path, capsys):
     for args, message in ((["--paths", tmp_path / "nowhere"], "no such shard file or directory"),
                           (["--paths", tmp_path], "no .tar files under"),

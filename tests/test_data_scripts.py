@@ -114,6 +114,15 @@ def test_img2dataset_output_is_checked_and_counted_and_user_flags_come_last(tmp_
     assert json.loads((out / "check.json").read_text())["problems"] == []
 
 
+def test_img2dataset_shard_short_of_its_stats_fails_the_script_with_the_reason(tmp_path):
+    out = tmp_path / "shards"
+    done = run_script("img2dataset.sh", url_list(tmp_path), out, "--url_col", "url", "--caption_col", "caption",
+                      "--claim", "6", tmp_path=tmp_path, tools={"img2dataset": FAKE_IMG2DATASET},
+                      env={"PROCESSES": "1"})
+    assert done.returncode == 1
+    assert "_stats.json says 6, the shard holds 4 readable samples" in done.stdout
+
+
 def test_img2dataset_missing_is_one_line_with_the_install_command(tmp_path):
     env = {"PATH": f"{tmp_path / 'bin'}:/usr/bin:/bin"}  # no img2dataset anywhere on it
     done = run_script("img2dataset.sh", "list.tsv", tmp_path / "out", tmp_path=tmp_path, env=env)

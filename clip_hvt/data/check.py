@@ -105,31 +105,34 @@ def find_shards(paths: Sequence) -> dict:
 
 
 def check_sizes(directory: Path, reports: Sequence, write: bool = False) -> list:
-    """Shards whose sample count differs from the count training reads (``shards.shard_sizes``); ``write``
-    first rewrites sizes.json from ``reports``, keeping entries of other shards that still exist."""
+    """Shards whose sample count differs from the count training reads (``shards.shard_sizes``: sizes.json,
+    else img2dataset's _stats.json). ``write`` then rewrites sizes.json from ``reports``, keeping entries of
+    other shards that still exist: what the write repairs (a missing count, a listed shard that is gone) is
+    no problem then, but a count that differs from what the writer recorded is still one."""
     path = directory / SIZES_FILE
     try:
         sizes = json.loads(path.read_text())
     except (OSError, ValueError):
         sizes = None
+    problems = []
+    if path.exists() and not isinstance(sizes, dict):
+        problems.append(Problem("sizes_unreadable", str(path), SIZES_FILE, "not a JSON object; run with --write_sizes true"))
+    for report in reports:
+        expected = None if problems else (shard_sizes([report.shard])[0] or {}).get(report.shard)
+        if expected is None and not write:
+            problems.append(Problem("sizes_missing", str(path), Path(report.shard).name, "run with --write_sizes true"))
+        elif expected is not None and expected != report.samples:
+            problems.append(Problem("count_mismatch", report.shard, Path(report.shard).name, f"sizes.json / "
+                                    f"_stats.json says {expected}, the shard holds {report.samples} readable samples"))
+    for name in sorted(sizes if isinstance(sizes, dict) and not write else {}):
+        if not (directory / name).exists():
+            problems.append(Problem("count_mismatch", str(path), name, "listed shard does not exist"))
     if write:
         sizes = {k: v for k, v in (sizes if isinstance(sizes, dict) else {}).items() if (directory / k).exists()}
         sizes.update({Path(r.shard).name: r.samples for r in reports})
         path.write_text(json.dumps(dict(sorted(sizes.items())), indent=1))
         print(f"wrote {path}")
-    if path.exists() and not isinstance(sizes, dict):
-        return [Problem("sizes_unreadable", str(path), SIZES_FILE, "not a JSON object; run with --write_sizes true")]
-    problems = []
-    for report in reports:
-        expected = (shard_sizes([report.shard])[0] or {}).get(report.shard)
-        if expected is None:
-            problems.append(Problem("sizes_missing", str(path), Path(report.shard).name, "run with --write_sizes true"))
-        elif expected != report.samples:
-            problems.append(Problem("count_mismatch", report.shard, Path(report.shard).name, f"sizes.json / "
-                                    f"_stats.json says {expected}, the shard holds {report.samples} readable samples"))
-    for name in sorted(sizes or {}):
-        if not (directory / name).exists():
-            problems.append(Problem("count_mismatch", str(path), name, "listed shard does not exist"))
+        problems = [p for p in problems if p.reason != "sizes_unreadable"]
     return problems
 
 
