@@ -33,6 +33,16 @@ def jpeg(seed=0, size=32, quality=90) -> bytes:
     return buf.getvalue()
 
 
+def assert_plain_members(path) -> None:
+    """Every member of the tar at ``path`` has a plain ustar header (no pax header) and the writers' fixed mtime."""
+    from clip_hvt.data.sample import TAR_MTIME
+
+    with tarfile.open(path) as tar:
+        members = tar.getmembers()
+    assert members and all(not m.pax_headers and m.mtime == TAR_MTIME for m in members), \
+        [(m.name, m.mtime, m.pax_headers) for m in members[:3]]
+
+
 def write_tar(path, entries, cut_in=None, end_block=True) -> dict:
     """Write ``[(key, {ext: bytes})]`` as a tar, members in order; returns each member's header offset.
 

@@ -16,6 +16,7 @@ from PIL import Image
 
 import clip_hvt.data.convert as convert
 from clip_hvt.data.convert import SourceSample, WriteOptions, read_table, resized_size, write_shards
+from conftest import assert_plain_members
 
 REPO = Path(__file__).resolve().parents[1]
 SIZES = [(64, 96), (96, 64), (80, 80), (72, 90), (90, 66)]  # (w, h)
@@ -85,6 +86,7 @@ def test_table_round_trip_keeps_captions_and_resizes_shortest_side(tmp_path, suf
                        '--write.workers', 2) == 0
     samples = read_shard_dir(out)
     assert sorted(p.name for p in out.glob('*.tar')) == ['shard-000000.tar', 'shard-000001.tar', 'shard-000002.tar']
+    assert_plain_members(out / 'shard-000000.tar')
     assert len(samples) == len(rows)
     for sample in samples.values():
         meta = json.loads(sample['json'])

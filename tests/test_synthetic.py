@@ -9,6 +9,7 @@ import pytest
 import webdataset as wds
 
 from clip_hvt.data import synthetic
+from conftest import assert_plain_members
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL = synthetic.ShapesConfig(train_samples=60, val_samples=20, zeroshot_per_class=2, samples_per_shard=25)
@@ -25,6 +26,7 @@ def test_same_seed_same_bytes_other_seed_other_data(tmp_path):
     c = synthetic.generate(tmp_path / "c", synthetic.ShapesConfig(**{**SMALL.__dict__, "seed": 1}))
     assert _digest(a) == _digest(b)
     assert _digest(a)["train/shapes-train-000000.tar"] != _digest(c)["train/shapes-train-000000.tar"]
+    assert_plain_members(a / "train" / "shapes-train-000000.tar")
 
 
 def test_sizes_json_matches_shards_and_captions_name_colour_and_shape(tmp_path):

@@ -17,7 +17,7 @@ from clip_hvt.export import export_model
 from clip_hvt.factory import create_model, create_tokenizer, image_transforms
 from clip_hvt.loss import build_loss
 from clip_hvt.module import CLIPModule
-from conftest import jpeg, write_tar
+from conftest import assert_plain_members, jpeg, write_tar
 
 CFG = {"embed_dim": 32, "vision_cfg": {"image_size": 32, "patch_size": 8, "width": 64, "layers": 2, "head_width": 32},
        "text_cfg": {"context_length": 16, "width": 32, "heads": 2, "layers": 1}}
@@ -53,6 +53,7 @@ def test_writer_adds_float16_embeddings_and_counts_what_it_leaves_out(stored):
     stored, summary = stored
     assert summary == {"written": SAMPLES, "skipped": {"undecodable_image": 1}}
     out = members(stored / "out" / "part-000000.tar")
+    assert_plain_members(stored / "out" / "part-000000.tar")
     assert json.loads((stored / "out" / "sizes.json").read_text()) == {"part-000000.tar": SAMPLES}
     image = np.load(io.BytesIO(out["0003.teacher_image.npy"]), allow_pickle=False)
     text = np.load(io.BytesIO(out["0003.teacher_text.npy"]), allow_pickle=False)

@@ -33,7 +33,7 @@ from PIL import ExifTags, Image, ImageOps
 from tqdm import tqdm
 
 from ..cli import UserError, run
-from .sample import MAX_IMAGE_PIXELS, SkipCounter, SkipSample, nonempty, open_image
+from .sample import MAX_IMAGE_PIXELS, TAR_MTIME, SkipCounter, SkipSample, nonempty, open_image
 from .shards import SIZES_FILE
 
 __all__ = [
@@ -46,7 +46,6 @@ TABLE_FORMATS = {'.csv': 'csv', '.tsv': 'tsv', '.tab': 'tsv', '.parquet': 'parqu
 STATS_FILE = 'stats.json'
 TABLE_CHUNK_ROWS = 65_536  # rows of a table read at a time
 TASKS_AHEAD_PER_WORKER = 2  # chunks handed to the pool ahead of the one waited for, per worker
-_TAR_MTIME = 1_700_000_000.0  # fixed: a rerun with the same inputs writes byte-identical shards
 
 
 @dataclass
@@ -310,7 +309,7 @@ def _write_chunk(task) -> dict:
             log.add(e.reason, sample.image or f'row {sample.meta.get("row", sample.key)}')
         else:
             writer = writer or wds.ShardWriter(os.path.join(tmpdir, f'{chunk:06d}-%04d.tar'), maxcount=opts.maxcount,
-                                               maxsize=opts.maxsize, verbose=0, encoder=False, mtime=_TAR_MTIME)
+                                               maxsize=opts.maxsize, verbose=0, encoder=False, mtime=TAR_MTIME)
             writer.write(encoded)
             shards[writer.fname] += 1
         _tick()

@@ -25,6 +25,7 @@ import webdataset as wds
 from PIL import Image, ImageDraw
 
 from ..cli import UserError, run
+from .sample import TAR_MTIME
 from .shards import SIZES_FILE
 
 log = logging.getLogger(__name__)
@@ -61,7 +62,7 @@ class ShapesConfig:
     val_samples: int = 1000
     zeroshot_per_class: int = 20
     samples_per_shard: int = 2500
-    version: int = 2  # bump when rendering or the file layout changes, so caches regenerate
+    version: int = 3  # bump when rendering or the file layout changes, so caches regenerate
 
 
 # regular polygons: (corners, first corner's angle, angle step as (multiple of pi) / divisor, inner radius)
@@ -135,9 +136,9 @@ def _jpeg(img: Image.Image) -> bytes:
 def _write_split(out: Path, split: str, samples, per_shard: int) -> None:
     out.mkdir(parents=True)
     sizes = Counter()
-    # Raw bytes only (encoder=False: no pickling of any key) and a fixed mtime: same seed, same bytes.
+    # Raw bytes only (encoder=False: no pickling of any key) and the fixed mtime: same seed, same bytes.
     with wds.ShardWriter(str(out / f"shapes-{split}-%06d.tar"), maxcount=per_shard, verbose=0,
-                         encoder=False, mtime=0.0) as sink:
+                         encoder=False, mtime=TAR_MTIME) as sink:
         for i, sample in enumerate(samples):
             sink.write({"__key__": f"{split}{i:08d}", **sample})
             sizes[os.path.basename(sink.fname)] += 1

@@ -20,7 +20,7 @@ import webdataset as wds
 from ..cli import UserError, run
 from ..distill import Distill, Teacher
 from .pipeline import decode, read_shards
-from .sample import TARGET_MEMBERS, SkipCounter, captions
+from .sample import TAR_MTIME, TARGET_MEMBERS, SkipCounter, captions
 from .shards import SIZES_FILE, expand_sources
 
 
@@ -72,7 +72,7 @@ def add_teacher_features(shards: str, out: str, teacher: str, weights: str | Non
     # the training reader's stages: the samples it would use, skips counted and logged under its reasons
     counter, sizes = SkipCounter(), {}
     for url in urls:
-        with wds.TarWriter(str(out_dir / Path(url).name)) as sink:
+        with wds.TarWriter(str(out_dir / Path(url).name), mtime=TAR_MTIME) as sink:
             sizes[Path(url).name] = 0
             items = decode(read_shards([{"url": url}], counter), preprocess,
                            lambda sample, rng: (sample, captions(sample, caption_key)), counter)
