@@ -1,12 +1,13 @@
 """Pipeline builders: evaluation sets streamed by rank and worker, whole and disjoint; batch layout."""
 import json
+import os
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from clip_hvt.data.pipeline import eval_loader, normalize_uint8, share, split_normalize
+from clip_hvt.data.pipeline import eval_loader, normalize_uint8, share, split_normalize, train_loader
 from clip_hvt.data.sample import SKIP_REASONS
 from clip_hvt.factory import image_transforms
 from tests.conftest import TINY_MODEL_CFG, jpeg, write_tar
@@ -93,3 +94,16 @@ def test_uint8_split_plus_batched_normalize_equals_open_clip_transform():
     assert batch.dtype == torch.uint8
     assert torch.equal(normalize_uint8(batch, mean, std), torch.stack([val(im) for im in images]))
     assert split_normalize(lambda im: im) is None  # any other transform shape: full transform in the workers
+
+
+def _niceness(image) -> torch.Tensor:
+    return torch.tensor([os.nice(0)])  # the worker's own priority, as the batch's "image"
+
+
+@pytest.mark.parametrize("worker_nice", [0, 5])
+def test_training_workers_run_worker_nice_steps_below_the_process(tmp_path, worker_nice):
+    write_tar(tmp_path / "s.tar", [(f"{i:03d}", {"jpg": jpeg(i), "txt": b"a caption"}) for i in range(4)])
+    loader = train_loader([[str(tmp_path / "s.tar")]], _niceness, lambda texts: torch.zeros(len(texts), 4),
+                          batch_size=2, num_batches=1, num_workers=1, shuffle=1, worker_nice=worker_nice)
+    batch = next(iter(loader))
+    assert batch["image"].flatten().tolist() == [min(19, os.nice(0) + worker_nice)] * 2

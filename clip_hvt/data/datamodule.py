@@ -56,6 +56,9 @@ class WebDataModule(pl.LightningDataModule):
         model_cfg: linked from ``model.model_cfg`` by the CLI (transforms and tokenizer).
         distill: linked from ``model.distill`` by the CLI: stored teacher targets, or the captions also
             tokenized the live teacher's way when its tokenizer differs.
+        worker_nice: the training data workers' CPU priority below training's (an ``os.nice`` increment; 0:
+            the same). Where every core is busy, training's multi-threaded ops wait less for the cores the
+            workers hold; set 0 if the workers cannot keep up and other processes compete for the cores.
     """
 
     def __init__(self, train_shards: str | None = None, val_shards: str | None = None, shapes: Shapes | None = None,
@@ -63,7 +66,7 @@ class WebDataModule(pl.LightningDataModule):
                  train_num_samples: int | None = None, source_weights: Sequence[float] | None = None,
                  caption_key: str | list[str] = "txt", val_caption_key: str | None = None, sample_shuffle: int = 2000,
                  max_image_pixels: int = MAX_IMAGE_PIXELS, seed: int = 0, aug_cfg: dict | None = None,
-                 model_cfg: dict | None = None, distill: Distill | None = None):
+                 model_cfg: dict | None = None, distill: Distill | None = None, worker_nice: int = 10):
         super().__init__()
         if shapes is not None and train_shards is not None:
             raise ValueError("data.shapes and data.train_shards are both set: give one (--data.shapes null to "
@@ -74,6 +77,7 @@ class WebDataModule(pl.LightningDataModule):
         self.batch_size = batch_size
         self.val_batch_size = val_batch_size or batch_size
         self.num_workers = num_workers
+        self.worker_nice = worker_nice
         self.train_num_samples = train_num_samples
         self.source_weights = source_weights
         self.sample_shuffle = sample_shuffle
@@ -142,7 +146,7 @@ class WebDataModule(pl.LightningDataModule):
             shuffle=self.sample_shuffle, seed=self.seed, rank=self.rank,
             step=self.trainer.global_step if self.trainer else 0, max_pixels=self.max_image_pixels,
             min_side=self.min_side, teacher_targets=bool(self.distill and self.distill.stored_targets),
-            teacher_tokenizer=self.teacher_tokenizer)
+            teacher_tokenizer=self.teacher_tokenizer, worker_nice=self.worker_nice)
 
     def on_after_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
         if self._normalize is not None and batch["image"].dtype == torch.uint8:

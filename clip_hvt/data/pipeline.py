@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import os
 import random
 from functools import partial
 from typing import Callable, Iterator, Literal, Sequence
@@ -81,16 +82,24 @@ def collate(items: list[tuple], tokenizer: Callable, counter: SkipCounter,
     return batch
 
 
+def lower_priority(worker_id: int, nice: int) -> None:
+    """A DataLoader ``worker_init_fn``: the worker runs ``nice`` steps below the process it serves. Where every
+    core is busy, a multi-threaded op of the training process otherwise waits a scheduler slice for each core
+    a worker holds (benchmarks/README.md, bench_train)."""
+    os.nice(nice)
+
+
 def train_loader(sources: list[list[str]], transform: Callable, tokenizer: Callable, batch_size: int,
                  num_batches: int, *, num_workers: int = 4, weights: Sequence[float] | None = None,
                  caption_keys: Sequence[str] = ("txt",), shuffle: int = 2000, seed: int = 0, rank: int = 0,
                  step: int = 0, max_pixels: int = MAX_IMAGE_PIXELS, min_side: int = 0,
-                 teacher_targets: bool = False, teacher_tokenizer: Callable | None = None) -> wds.WebLoader:
+                 teacher_targets: bool = False, teacher_tokenizer: Callable | None = None,
+                 worker_nice: int = 0) -> wds.WebLoader:
     """Endless weighted resampling of ``sources``: batches ``{"image", "text", "skipped"}``, ``num_batches``
     rounded up to a multiple of the workers, the same on every rank. ``step`` (the global step at (re)start)
     joins the seeds, so a resumed run does not replay the order of the run it resumes. ``teacher_targets``:
     batches also carry the stored ``teacher_image_emb`` / ``teacher_text_emb``; ``teacher_tokenizer``: and
-    ``teacher_text``, the captions tokenized the teacher's way."""
+    ``teacher_text``, the captions tokenized the teacher's way. ``worker_nice``: :func:`lower_priority`."""
     counter = SkipCounter()
     workers = max(1, num_workers)
     per_worker = math.ceil(num_batches / workers)  # with_epoch counts per worker: same total on every rank
@@ -105,7 +114,8 @@ def train_loader(sources: list[list[str]], transform: Callable, tokenizer: Calla
         wds.batched(batch_size, partial=False, collation_fn=partial(collate, tokenizer=tokenizer, counter=counter,
                                                                     teacher_tokenizer=teacher_tokenizer)),
     ).with_epoch(per_worker)
-    loader = wds.WebLoader(pipeline, batch_size=None, num_workers=num_workers, persistent_workers=num_workers > 0)
+    loader = wds.WebLoader(pipeline, batch_size=None, num_workers=num_workers, persistent_workers=num_workers > 0,
+                           worker_init_fn=partial(lower_priority, nice=worker_nice) if worker_nice else None)
     return loader.with_length(per_worker * workers)
 
 
