@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -157,6 +158,8 @@ def main() -> None:
                 tag = f"r{r}-{steps}"
                 cmd = sides[side](work, tag, model_cfg, hp, args, steps)
                 wall, cpu_s = timed(cmd, work / f"{side}-{tag}.log")
+                for checkpoints in (work / f"{side}-{tag}").rglob("checkpoints"):  # 1 GB each for PVTv2-B2
+                    shutil.rmtree(checkpoints)
                 times[side, steps].append(wall)
                 cpu[side, steps].append(cpu_s)
                 print(f"  {side} {steps} steps: {wall:.1f} s wall, {cpu_s:.1f} s CPU", flush=True)
