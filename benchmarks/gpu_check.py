@@ -166,35 +166,37 @@ def fsdp_resume_export(args) -> dict:
     import open_clip
     from clip_hvt.export import model_from_checkpoint
     strategy = "ddp" if args.dry_run else "fsdp"
-    work = Path(tempfile.mkdtemp(prefix=f"gpu_check_{strategy}-"))
-    _train_cli(_cli_config(strategy, work, args, 10), work)
-    _train_cli(_cli_config(strategy, work, args, 20), work, "--ckpt_path", "last", "--export_dir", str(work / "export"))
-    ckpt = torch.load(work / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
-    if ckpt["global_step"] != 20:
-        raise RuntimeError(f"resumed run ended at step {ckpt['global_step']}, not 20")
-    trained, cfg = model_from_checkpoint(work / "checkpoints" / "last.ckpt")
-    exported, _, _ = open_clip.create_model_and_transforms(f"local-dir:{work / 'export'}")
-    theirs, ours = exported.state_dict(), trained.state_dict()
-    if theirs.keys() != ours.keys():
-        raise RuntimeError(f"export keys differ from the checkpoint's: {sorted(theirs.keys() ^ ours.keys())[:3]}")
-    weights = max((theirs[k].float() - ours[k].float()).abs().max().item() for k in ours)
-    size = cfg["vision_cfg"]["image_size"]
-    images, texts = torch.randn(2, 3, size, size), torch.randint(0, 49408, (2, cfg["text_cfg"]["context_length"]))
-    trained.eval(), exported.eval()
-    with torch.no_grad():
-        outputs = max((a - b).abs().max().item() for a, b in zip(
-            (trained.encode_image(images), trained.encode_text(texts)),
-            (exported.encode_image(images), exported.encode_text(texts))))
-    if weights or outputs > 1e-5:
-        raise RuntimeError(f"export differs from last.ckpt: weights {weights:.2e}, outputs {outputs:.2e}")
-    return {"note": f"{strategy}: 10 steps, checkpoint, resume to step 20, export == last.ckpt "
-                    f"(weights max diff {weights:.0e}, outputs {outputs:.1e}), loads in open_clip"}
+    with tempfile.TemporaryDirectory(prefix=f"gpu_check_{strategy}-") as tmp:  # checkpoints: gone afterwards
+        work = Path(tmp)
+        _train_cli(_cli_config(strategy, work, args, 10), work)
+        _train_cli(_cli_config(strategy, work, args, 20), work, "--ckpt_path", "last",
+                   "--export_dir", str(work / "export"))
+        ckpt = torch.load(work / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+        if ckpt["global_step"] != 20:
+            raise RuntimeError(f"resumed run ended at step {ckpt['global_step']}, not 20")
+        trained, cfg = model_from_checkpoint(work / "checkpoints" / "last.ckpt")
+        exported, _, _ = open_clip.create_model_and_transforms(f"local-dir:{work / 'export'}")
+        theirs, ours = exported.state_dict(), trained.state_dict()
+        if theirs.keys() != ours.keys():
+            raise RuntimeError(f"export keys differ from the checkpoint's: {sorted(theirs.keys() ^ ours.keys())[:3]}")
+        weights = max((theirs[k].float() - ours[k].float()).abs().max().item() for k in ours)
+        size = cfg["vision_cfg"]["image_size"]
+        images, texts = torch.randn(2, 3, size, size), torch.randint(0, 49408, (2, cfg["text_cfg"]["context_length"]))
+        trained.eval(), exported.eval()
+        with torch.no_grad():
+            outputs = max((a - b).abs().max().item() for a, b in zip(
+                (trained.encode_image(images), trained.encode_text(texts)),
+                (exported.encode_image(images), exported.encode_text(texts))))
+        if weights or outputs > 1e-5:
+            raise RuntimeError(f"export differs from last.ckpt: weights {weights:.2e}, outputs {outputs:.2e}")
+        return {"note": f"{strategy}: 10 steps, checkpoint, resume to step 20, export == last.ckpt "
+                        f"(weights max diff {weights:.0e}, outputs {outputs:.1e}), loads in open_clip"}
 
 
 def ddp_steps(args) -> dict:
-    work = Path(tempfile.mkdtemp(prefix="gpu_check_ddp-"))
     start = time.perf_counter()
-    _train_cli(_cli_config("ddp", work, args, 5), work)
+    with tempfile.TemporaryDirectory(prefix="gpu_check_ddp-") as tmp:
+        _train_cli(_cli_config("ddp", Path(tmp), args, 5), Path(tmp))
     return {"note": f"ddp, 1 device: 5 steps in {time.perf_counter() - start:.0f} s (whole process)"}
 
 
