@@ -182,6 +182,15 @@ def test_write_sizes_still_compares_with_what_the_writer_recorded(tmp_path, caps
     assert run_check("--paths", tmp_path, "--write_sizes", "true") == 0
 
 
+def test_every_shard_is_compared_after_a_first_mismatch(tmp_path, capsys):
+    for shard in range(3):
+        write_tar(tmp_path / f"{shard:05d}.tar", [(f"{shard}{i:03d}", good(i)) for i in range(2)])
+    (tmp_path / "sizes.json").write_text(json.dumps({"00000.tar": 5, "00001.tar": 2, "00002.tar": 7}))
+    assert run_check("--paths", tmp_path, "--report", tmp_path / "r.json") == 1
+    problems = json.loads((tmp_path / "r.json").read_text())["problems"]
+    assert [(p["reason"], p["where"]) for p in problems] == [("count_mismatch", "00000.tar"), ("count_mismatch", "00002.tar")]
+
+
 def test_user_errors_end_in_one_line(tmp_path, capsys):
     for args, message in ((["--paths", tmp_path / "nowhere"], "no such shard file or directory"),
                           (["--paths", tmp_path], "no .tar files under"),

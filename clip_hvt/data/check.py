@@ -114,11 +114,11 @@ def check_sizes(directory: Path, reports: Sequence, write: bool = False) -> list
         sizes = json.loads(path.read_text())
     except (OSError, ValueError):
         sizes = None
-    problems = []
-    if path.exists() and not isinstance(sizes, dict):
-        problems.append(Problem("sizes_unreadable", str(path), SIZES_FILE, "not a JSON object; run with --write_sizes true"))
+    unreadable = path.exists() and not isinstance(sizes, dict)
+    problems = [Problem("sizes_unreadable", str(path), SIZES_FILE, "not a JSON object; run with --write_sizes true")
+                ] if unreadable and not write else []
     for report in reports:
-        expected = None if problems else (shard_sizes([report.shard])[0] or {}).get(report.shard)
+        expected = None if unreadable else (shard_sizes([report.shard])[0] or {}).get(report.shard)
         if expected is None and not write:
             problems.append(Problem("sizes_missing", str(path), Path(report.shard).name, "run with --write_sizes true"))
         elif expected is not None and expected != report.samples:
@@ -132,7 +132,6 @@ def check_sizes(directory: Path, reports: Sequence, write: bool = False) -> list
         sizes.update({Path(r.shard).name: r.samples for r in reports})
         path.write_text(json.dumps(dict(sorted(sizes.items())), indent=1))
         print(f"wrote {path}")
-        problems = [p for p in problems if p.reason != "sizes_unreadable"]
     return problems
 
 
