@@ -31,17 +31,18 @@ from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
-import yaml
 
 from clip_hvt.flops import model_costs
 from clip_hvt.module import CLIPModule
+from clip_hvt.summary import model_cfg_from_configs
 
 ROOT = Path(__file__).resolve().parent.parent
 TRAIN_MODELS = ["vit_b16", "pvt_v2_b2", "pvt_v2_b2_ms", "cvt_13"]
 
 
 def model_cfg(name: str, tiny: bool) -> dict:
-    cfg = yaml.safe_load((ROOT / "configs" / "models" / f"{name}.yaml").read_text())["model"]["model_cfg"]
+    # read by the config parser of every command: the text tower is a file reference (configs/text/*.yaml)
+    cfg = model_cfg_from_configs(["--config", str(ROOT / "configs" / "models" / f"{name}.yaml")])
     if tiny:  # same towers, small inputs
         cfg["vision_cfg"]["image_size"] = 64
         cfg["text_cfg"].update(context_length=16, layers=2)
