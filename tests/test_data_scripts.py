@@ -87,7 +87,7 @@ with tarfile.open(out / "00000.tar", "w") as tar:
         for ext, data in (("jpg", Path(row[opts["url_col"]]).read_bytes()), ("txt", row[opts["caption_col"]].encode())):
             info = tarfile.TarInfo(f"{i:09d}.{ext}"); info.size = len(data)
             tar.addfile(info, io.BytesIO(data))
-claimed = int(opts.get("claim", len(rows))) if "claim" in opts else len(rows)
+claimed = int(opts.get("claim", len(rows)))  # --claim N: a stats file that says N
 (out / "00000_stats.json").write_text(json.dumps({"successes": claimed, "count": len(rows)}))
 '''
 
