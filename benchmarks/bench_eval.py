@@ -32,7 +32,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import matmul_gflops
+from common import checkout_env, matmul_gflops
 
 MODEL_CFG = {"embed_dim": 512, "vision_cfg": {"timm_model_name": "pvt_v2_b0", "timm_pool": "avg", "image_size": 224},
              "text_cfg": {"context_length": 77, "width": 512, "heads": 8, "layers": 12}}
@@ -114,9 +114,7 @@ def run_clip_benchmark(export: str, data: str, batch_size: int, workers: int) ->
 def _side(python: str, side: str, args: argparse.Namespace, export: Path, data: Path) -> dict:
     cmd = [python, __file__, "--side", side, "--export", str(export), "--data", str(data),
            "--batch-size", str(args.batch_size), "--workers", str(args.workers)]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[1]),
-                                                        os.environ.get("PYTHONPATH", "")])}
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=checkout_env())
     if proc.returncode:
         sys.exit(f"{side} failed:\n{proc.stderr[-3000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])

@@ -29,7 +29,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import OPEN_CLIP_PYTHON, check_open_clip_python, matmul_gflops
+from common import OPEN_CLIP_PYTHON, check_open_clip_python, checkout_env, matmul_gflops
 
 ROOT = Path(__file__).resolve().parent.parent
 TEXT_12 = {"context_length": 77, "width": 512, "heads": 8, "layers": 12}
@@ -103,7 +103,7 @@ def _open_clip_main(cfg_dir: str, argv: list[str]) -> None:
 
 def timed(cmd: list[str], log: Path) -> tuple[float, float]:
     """(wall s, CPU s of the process and the children it waited for: its data workers)."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "WANDB_MODE": "offline"}
+    env = checkout_env(WANDB_MODE="offline")
     start = time.perf_counter()
     with log.open("w") as out:
         proc = subprocess.Popen(cmd, cwd=log.parent, env=env, stdout=out, stderr=subprocess.STDOUT)

@@ -20,6 +20,14 @@ OPEN_CLIP_SETUP = ("python -m venv /tmp/ocvenv --system-site-packages && "
                    "/tmp/ocvenv/bin/pip install 'webdataset<=0.2.86'")
 
 
+def checkout_env(**extra: str) -> dict:
+    """The environment for a subprocess that must import this checkout's clip_hvt: the checkout first on
+    PYTHONPATH, the caller's PYTHONPATH kept after it (where packages installed with --target live)."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH", "")) if p)
+    return {**os.environ, "PYTHONPATH": path, **extra}
+
+
 def check_open_clip_python(python: str) -> None:
     """Exit with the setup command when ``python`` is missing or its webdataset is too new for open_clip_train."""
     if not os.path.isfile(python):

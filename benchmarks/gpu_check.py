@@ -32,6 +32,8 @@ from pathlib import Path
 import lightning.pytorch as pl
 import torch
 
+from common import checkout_env
+
 from clip_hvt.flops import model_costs
 from clip_hvt.module import CLIPModule
 from clip_hvt.summary import model_cfg_from_configs
@@ -136,7 +138,7 @@ def cvt_vs_transformers(args) -> dict:
 def _train_cli(config: dict, work: Path, *extra: str) -> None:
     path = work / "config.json"
     path.write_text(json.dumps(config))
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "WANDB_MODE": "offline"}
+    env = checkout_env(WANDB_MODE="offline")
     log = work / "train.log"
     with log.open("a") as out:
         proc = subprocess.run([sys.executable, "-m", "clip_hvt.train", "--config", str(path), *extra],
