@@ -19,6 +19,7 @@ GPUs only), to check that the script itself works where no GPU is at hand.
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import json
 import os
 import signal
@@ -28,6 +29,11 @@ import tempfile
 import time
 import traceback
 from pathlib import Path
+
+# A hang before main() (an import, a driver call) that gpu_check.sh's hard stop ends still says where it was:
+# every thread's stack on SIGTERM. main() then replaces this with the handler that prints the table.
+faulthandler.register(signal.SIGTERM, chain=True)
+print("gpu_check: importing torch, Lightning, clip_hvt", flush=True)
 
 import lightning.pytorch as pl
 import torch
