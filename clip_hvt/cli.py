@@ -47,6 +47,9 @@ def explain(parser: jsonargparse.ArgumentParser, err: Exception) -> str:
         message = (f"unknown key '{key}'" + (f" (did you mean '{close[0]}'?)" if close else "")
                    + (f". Valid keys under '{prefix}': {', '.join(siblings)}" if siblings and prefix else "")
                    + " (--help lists every option)")
+    if cannot := re.search(r"""Parser key "([\w.]+)": Unable to load config ['"]([^'"]+)['"]""", message):
+        message = (f"{cannot[1]}: could not load '{cannot[2]}' (a file named in a config is found relative to "
+                   "that config file; check the path and that it is a YAML mapping)")
     if "required: model.model_cfg" in message:
         message += "; give a model config, e.g. --config configs/models/pvt_v2_b0.yaml"
     return message

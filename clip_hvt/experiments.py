@@ -35,6 +35,7 @@ import yaml
 
 from . import config as model_config, flops
 from .cli import UserError, run as run_cli
+from .summary import model_cfg_from_configs
 
 _SET_KEYS = {"name", "configs", "budget", "seed", "tolerance", "model_cfg", "arms"}
 
@@ -111,11 +112,7 @@ def load_set(path: str) -> ExperimentSet:
         if not isinstance(spec, dict) or "config" not in spec or not set(spec) <= {"name", "config", "model_cfg"}:
             raise UserError(f"{path}: arms[{i}] must be a config path or {{name, config, model_cfg}}, got {entry!r}")
         config = _existing(spec["config"], f"{path}: arms[{i}]")
-        try:
-            own = _load_yaml(config, f"arms[{i}]")["model"]["model_cfg"]
-        except (KeyError, TypeError):
-            raise UserError(f"{path}: arms[{i}]: {config} has no model.model_cfg") from None
-        own = _tower_files(own, config)
+        own = model_cfg_from_configs(["--config", str(config)], prog=f"{path}: arms[{i}] {config}")  # as training reads it
         model_cfg = _merge(_merge(own, shared), _tower_files(spec.get("model_cfg") or {}, Path(path)))
         arms.append(Arm(spec.get("name") or config.stem, config, model_cfg))
     names = [a.name for a in arms]

@@ -16,13 +16,13 @@ from . import cli, factory, flops
 from .cli import UserError
 
 
-def model_cfg_from_configs(args: list[str]) -> dict:
+def model_cfg_from_configs(args: list[str], prog: str = "clip_hvt.summary.model_cfg_from_configs") -> dict:
     """open_clip's model config dict from training config files and flags (``["--config", FILE, ...]``),
-    parsed as every command parses them."""
+    parsed as every command parses them; an error exits with ``prog: error: ...``."""
     def model_cfg(model_cfg: dict) -> dict:
         """The model config of a training config."""
         return model_cfg
-    return cli.run(model_cfg, args, prog="clip_hvt.summary.model_cfg_from_configs", train_config=True)
+    return cli.run(model_cfg, args, prog=prog, train_config=True)
 
 
 def stage_shapes(model: torch.nn.Module, images: torch.Tensor) -> list[tuple[int, ...]]:

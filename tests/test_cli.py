@@ -285,3 +285,13 @@ def test_a_config_file_naming_other_config_files_ends_in_one_line(command, tmp_p
     message = one_line_error(fn, ["--config", TINY, "--config", str(run)])
     assert message.endswith(f"error: {run}: a config file cannot name other config files ('config:'); give them as "
                             "repeated --config before it, or name a section's file (e.g. data: data/shapes.yaml)")
+
+
+@pytest.mark.parametrize("command", ["train", "summary"])
+def test_a_tower_file_that_is_not_there_ends_in_one_line_naming_key_and_path(command, tmp_path):
+    model = tmp_path / "model.yaml"
+    model.write_text("model:\n  model_cfg:\n    text_cfg: ../text/w999.yaml\n")
+    fn = train.main if command == "train" else summary.main
+    message = one_line_error(fn, ["--config", TINY, "--config", str(model)])
+    assert message.endswith("error: model.model_cfg.text_cfg: could not load '../text/w999.yaml' (a file named in a "
+                            "config is found relative to that config file; check the path and that it is a YAML mapping)")

@@ -64,7 +64,8 @@ def test_a_tower_given_as_a_file_is_read_relative_to_the_config_naming_it(tmp_pa
     assert load_set(str(exp)).arms[0].model_cfg["text_cfg"] == {**TEXT, "width": 64}
     exp.write_text(yaml.safe_dump({"arms": [str(arm)]}))
     arm.write_text(arm.read_text().replace("small.yaml", "big.yaml"))
-    with pytest.raises(SystemExit, match="model_cfg.text_cfg: no file .*big.yaml' \\(relative to that config\\)"):
+    with pytest.raises(SystemExit, match="arms\\[0\\] .*pvt.yaml: error: model.model_cfg.text_cfg: could not load '../text/big.yaml' "
+                                         "\\(a file named in a config is found relative to that config file"):
         main(["table", "--set", str(exp)])
 
 
