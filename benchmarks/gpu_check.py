@@ -38,7 +38,8 @@ print("gpu_check: importing torch, Lightning, clip_hvt", flush=True)
 import lightning.pytorch as pl
 import torch
 
-from common import checkout_env
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # common.py and bench_cvt.py, also when imported by a test
+from common import checkout_env  # noqa: E402
 
 from clip_hvt.flops import model_costs
 from clip_hvt.module import CLIPModule
@@ -132,7 +133,6 @@ def bf16_peak(device: torch.device, override: float | None) -> float | None:
 
 
 def cvt_vs_transformers(args) -> dict:
-    sys.path.insert(0, str(Path(__file__).parent))
     from bench_cvt import compare
     device = "cpu" if args.dry_run else "cuda"
     rates = compare("bf16", batch_size=args.batch_size, img_size=64 if args.dry_run else 224,
