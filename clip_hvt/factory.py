@@ -151,13 +151,18 @@ def image_transforms(model_cfg: dict, aug_cfg: dict | None = None):
     return train, open_clip.transform.image_transform_v2(pp, is_train=False)
 
 
+def context_length(model_cfg: dict) -> int:
+    """Tokens per caption: the text tower's ``context_length``, else open_clip's default."""
+    return to_open_clip(model_cfg)["text_cfg"].get("context_length", open_clip.tokenizer.DEFAULT_CONTEXT_LENGTH)
+
+
 def create_tokenizer(model_cfg: dict):
     """The tokenizer ``open_clip.get_tokenizer('local-dir:EXPORT')`` returns for this config: the same rules
     (``hf_tokenizer_name`` picks a Hugging Face tokenizer, else CLIP's BPE), from a dict."""
     text = to_open_clip(model_cfg)["text_cfg"]
-    context_length = text.get("context_length", open_clip.tokenizer.DEFAULT_CONTEXT_LENGTH)
+    length = context_length(model_cfg)
     kwargs = dict(text.get("tokenizer_kwargs") or {})
     if text.get("hf_tokenizer_name"):
-        return open_clip.tokenizer.HFTokenizer(text["hf_tokenizer_name"], context_length=context_length,
+        return open_clip.tokenizer.HFTokenizer(text["hf_tokenizer_name"], context_length=length,
                                                tokenizer_mode=text.get("tokenizer_mode"), **kwargs)
-    return open_clip.tokenizer.SimpleTokenizer(context_length=context_length, **kwargs)
+    return open_clip.tokenizer.SimpleTokenizer(context_length=length, **kwargs)

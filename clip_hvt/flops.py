@@ -48,38 +48,65 @@ def _params(module: torch.nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
+class NeedsValues(RuntimeError):
+    """A forward that reads tensor values cannot run on shape-only (meta) weights and inputs."""
+
+
+def _count_forward(model: torch.nn.Module, weights: dict, inputs: tuple) -> int:
+    """FLOPs of ``model(*inputs)`` on meta stand-ins; a forward that reads values (a Hugging Face text tower
+    checks its attention mask with ``.all()``) is counted on zeros with the model's own weights instead."""
+    try:
+        return count_flops(torch.func.functional_call, model, weights, inputs)
+    except RuntimeError as err:
+        if "meta tensors" not in str(err):
+            raise
+    param = next(model.parameters())
+    if param.device.type == "meta":
+        raise NeedsValues("a forward reads values: count on a model with real weights") from None
+    real = tuple(None if t is None else torch.zeros(t.shape, device=param.device,
+                                                   dtype=param.dtype if t.is_floating_point() else t.dtype)
+                 for t in inputs)
+    return count_flops(model, *real)
+
+
 def tower_costs(model: torch.nn.Module, model_cfg: dict) -> dict[str, int]:
     """Parameters and forward FLOPs of one image and one caption through an open_clip model.
 
     Counted on shape-only stand-ins of the weights (meta device): nothing is computed, whatever device
-    ``model`` lives on, and no second model is built. The caption is padded to the context length, so its
+    ``model`` lives on, and no second model is built. A caption is always padded to the context length, so its
     FLOPs do not depend on its words.
     """
     size = factory.preprocess_cfg(model_cfg)["size"]
     height, width = (size, size) if isinstance(size, int) else size
     image = torch.zeros(1, 3, height, width, device="meta")
-    caption = factory.create_tokenizer(model_cfg)(["a photo of a small red circle"]).to("meta")
+    caption = torch.zeros(1, factory.context_length(model_cfg), dtype=torch.long, device="meta")  # no tokenizer
     weights = factory.meta_state(model)
     modes = {module: module.training for module in model.modules()}  # restored one by one: frozen norms stay in eval
     model.eval()
     # With autograd on: under no_grad, nn.MultiheadAttention takes its fused fast path, which torch's
     # counter sees as one op without a formula (open_clip's ViT would lose its attention blocks).
     # open_clip's forward(image, text) encodes only what it is given.
-    with torch.enable_grad():
-        image_flops = count_flops(torch.func.functional_call, model, weights, (image, None))
-        text_flops = count_flops(torch.func.functional_call, model, weights, (None, caption))
-    for module, training in modes.items():
-        module.training = training
+    try:
+        with torch.enable_grad():
+            image_flops = _count_forward(model, weights, (image, None))
+            text_flops = _count_forward(model, weights, (None, caption))
+    finally:
+        for module, training in modes.items():
+            module.training = training
     image_params = _params(model.visual)
     return {"image_params": image_params, "text_params": _params(model) - image_params,
             "image_flops": image_flops, "text_flops": text_flops}
 
 
 def model_costs(model_cfg: dict) -> dict[str, int]:
-    """:func:`tower_costs` of a model config, built on the meta device (no memory, no weights)."""
+    """:func:`tower_costs` of a model config, built on the meta device (no memory, no weights); a model whose
+    forward reads values (a Hugging Face text tower) is built for real on the CPU instead."""
     with torch.device("meta"):
         model = factory.create_model(model_cfg)
-    return tower_costs(model, model_cfg)
+    try:
+        return tower_costs(model, model_cfg)
+    except NeedsValues:
+        return tower_costs(factory.create_model(model_cfg), model_cfg)
 
 
 def flops_per_batch(costs: dict[str, int], batch_size: int, training: bool) -> int:

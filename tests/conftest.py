@@ -1,4 +1,5 @@
 """Shared test builders: a tar writer that can cut its output, JPEG bytes, a tiny model config."""
+import inspect
 import io
 import os
 import tarfile
@@ -68,3 +69,22 @@ def write_tar(path, entries, cut_in=None, end_block=True) -> dict:
 @pytest.fixture
 def tiny_config():
     return TINY_CONFIG
+
+
+@pytest.fixture
+def local_hf_text_tower(tmp_path):
+    """A tiny BERT config and WordPiece tokenizer saved to a directory: a Hugging Face text tower, no network."""
+    transformers = pytest.importorskip("transformers")
+    path = tmp_path / "tiny-bert"
+    path.mkdir()
+    words = ["a", "small", "red", "circle", "on", "the", "left", "star", "is", "blue", "it", "'", "t", "?", ","]
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words, "##n", "##s"]
+    (path / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    if "vocab" in inspect.signature(transformers.BertTokenizer.__init__).parameters:  # transformers >= 5
+        tokenizer = transformers.BertTokenizer(vocab={word: i for i, word in enumerate(vocab)})
+    else:
+        tokenizer = transformers.BertTokenizerFast(vocab_file=str(path / "vocab.txt"))
+    tokenizer.save_pretrained(str(path))
+    transformers.BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                            intermediate_size=64, max_position_embeddings=32).save_pretrained(str(path))
+    return path

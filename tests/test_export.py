@@ -1,6 +1,4 @@
 """The export's tokenizer is the training tokenizer: open_clip's text tower and a Hugging Face one."""
-import inspect
-
 import open_clip
 import pytest
 import torch
@@ -10,25 +8,6 @@ from clip_hvt.factory import create_model, create_tokenizer
 
 CAPTIONS = ["a small red circle on the left", "The STAR is blue, isn't it?", ""]
 VISION = {"timm_model_name": "pvt_v2_b0", "image_size": 32}
-
-
-@pytest.fixture
-def local_hf_text_tower(tmp_path):
-    """A tiny BERT config and WordPiece tokenizer saved to a directory: a Hugging Face text tower, no network."""
-    transformers = pytest.importorskip("transformers")
-    path = tmp_path / "tiny-bert"
-    path.mkdir()
-    words = ["a", "small", "red", "circle", "on", "the", "left", "star", "is", "blue", "it", "'", "t", "?", ","]
-    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words, "##n", "##s"]
-    (path / "vocab.txt").write_text("\n".join(vocab) + "\n")
-    if "vocab" in inspect.signature(transformers.BertTokenizer.__init__).parameters:  # transformers >= 5
-        tokenizer = transformers.BertTokenizer(vocab={word: i for i, word in enumerate(vocab)})
-    else:
-        tokenizer = transformers.BertTokenizerFast(vocab_file=str(path / "vocab.txt"))
-    tokenizer.save_pretrained(str(path))
-    transformers.BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                            intermediate_size=64, max_position_embeddings=32).save_pretrained(str(path))
-    return path
 
 
 @pytest.mark.parametrize("text", ["open_clip", "hf_model_name only", "hf_tokenizer_name too"])

@@ -108,3 +108,17 @@ def test_tower_costs_leave_every_submodule_in_its_mode():
     flops.tower_costs(model, TINY["pvt_v2"])
     assert {name: m.training for name, m in model.named_modules()} == before
     assert norms and not any(norm.training for norm in norms)
+
+
+def test_a_hugging_face_text_tower_is_counted_on_real_weights(local_hf_text_tower):
+    # its attention-mask check reads values, which the meta device has not: counted on zeros instead
+    cfg = {"embed_dim": 16, "vision_cfg": {"image_size": 32, "layers": 1, "width": 64, "patch_size": 8, "head_width": 32},
+           "text_cfg": {"context_length": 16, "hf_model_name": str(local_hf_text_tower), "hf_model_pretrained": False,
+                        "hf_proj_type": "linear", "hf_pooler_type": "cls_pooler"}}
+    torch.manual_seed(0)
+    model = factory.create_model(cfg)
+    expected = flops.count_flops(model.encode_text, torch.zeros(1, 16, dtype=torch.long))
+    assert expected > 0
+    assert flops.tower_costs(model, cfg)["text_flops"] == expected  # what CLIPModule.setup counts
+    assert flops.model_costs(cfg)["text_flops"] == expected  # what the summary and experiment tables count
+    assert flops.model_costs(cfg)["image_flops"] == flops.count_flops(model.encode_image, torch.zeros(1, 3, 32, 32))

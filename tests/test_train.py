@@ -122,3 +122,14 @@ def test_skip_monitor_and_requeue_handler_are_added_when_the_config_lists_no_cal
     listed = train.build(["--config", tiny_config, "--data.shapes.root", str(tmp_path / "shapes")])
     monitors = [c for c in listed.trainer.callbacks if isinstance(c, SkipMonitor)]
     assert len(monitors) == 1 and monitors[0].log_every_n_steps == 1  # the config's own, not a second one
+
+
+def test_a_hugging_face_text_tower_trains(tiny_config, in_tmp, local_hf_text_tower):
+    # its FLOPs cannot be counted on the meta device (the attention-mask check reads values): setup must not fail
+    text = json.dumps({"context_length": 16, "hf_model_name": str(local_hf_text_tower), "hf_model_pretrained": False,
+                       "hf_proj_type": "linear", "hf_pooler_type": "cls_pooler"})
+    _run(tiny_config, in_tmp / "shapes", "--model.model_cfg.text_cfg", text, "--trainer.max_steps", "2",
+         "--final_validation", "false")
+    assert _logged_steps(in_tmp / "runs" / "tiny" / "lightning_logs" / "version_0" / "metrics.csv") == [0, 1]
+    ckpt = torch.load(in_tmp / "runs" / "tiny" / "checkpoints" / "last.ckpt", weights_only=True, map_location="cpu")
+    assert ckpt["global_step"] == 2
