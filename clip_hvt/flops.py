@@ -49,20 +49,20 @@ def _params(module: torch.nn.Module) -> int:
 
 
 class NeedsValues(RuntimeError):
-    """A forward that reads tensor values cannot run on shape-only (meta) weights and inputs."""
+    """A forward that cannot run on shape-only (meta) weights and inputs, e.g. one that reads values."""
 
 
 def _count_forward(model: torch.nn.Module, weights: dict, inputs: tuple) -> int:
-    """FLOPs of ``model(*inputs)`` on meta stand-ins; a forward that reads values (a Hugging Face text tower
-    checks its attention mask with ``.all()``) is counted on zeros with the model's own weights instead."""
+    """FLOPs of ``model(*inputs)`` on meta stand-ins; a forward the meta device cannot run (one that reads
+    values, as a Hugging Face text tower's attention-mask check does) is counted on zeros with the model's own
+    weights instead, where a real error also shows."""
     try:
         return count_flops(torch.func.functional_call, model, weights, inputs)
-    except RuntimeError as err:
-        if "meta tensors" not in str(err):
-            raise
+    except Exception:
+        pass
     param = next(model.parameters())
     if param.device.type == "meta":
-        raise NeedsValues("a forward reads values: count on a model with real weights") from None
+        raise NeedsValues("the forward cannot run on the meta device: count on a model with real weights")
     real = tuple(None if t is None else torch.zeros(t.shape, device=param.device,
                                                    dtype=param.dtype if t.is_floating_point() else t.dtype)
                  for t in inputs)
