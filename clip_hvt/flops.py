@@ -73,8 +73,9 @@ def tower_costs(model: torch.nn.Module, model_cfg: dict) -> dict[str, int]:
     """Parameters and forward FLOPs of one image and one caption through an open_clip model.
 
     Counted on shape-only stand-ins of the weights (meta device): nothing is computed, whatever device
-    ``model`` lives on, and no second model is built. A caption is always padded to the context length, so its
-    FLOPs do not depend on its words.
+    ``model`` lives on, and no second model is built. A tower the meta device cannot run (a Hugging Face text
+    tower) is counted on zeros through the real weights. A caption is always padded to the context length, so
+    its FLOPs do not depend on its words.
     """
     size = factory.preprocess_cfg(model_cfg)["size"]
     height, width = (size, size) if isinstance(size, int) else size
@@ -100,7 +101,7 @@ def tower_costs(model: torch.nn.Module, model_cfg: dict) -> dict[str, int]:
 
 def model_costs(model_cfg: dict) -> dict[str, int]:
     """:func:`tower_costs` of a model config, built on the meta device (no memory, no weights); a model whose
-    forward reads values (a Hugging Face text tower) is built for real on the CPU instead."""
+    forward the meta device cannot run (a Hugging Face text tower) is built for real on the CPU instead."""
     with torch.device("meta"):
         model = factory.create_model(model_cfg)
     try:
