@@ -1,4 +1,5 @@
-"""Shared test builders: a tar writer that can cut its output, JPEG bytes, a tiny model config."""
+"""Shared test builders: a tar writer that can cut its output, JPEG bytes, a tiny model config, a tiny
+Hugging Face text tower."""
 import inspect
 import io
 import os
@@ -88,3 +89,9 @@ def local_hf_text_tower(tmp_path):
     transformers.BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
                             intermediate_size=64, max_position_embeddings=32).save_pretrained(str(path))
     return path
+
+
+def hf_text_cfg(path) -> dict:
+    """An open_clip ``text_cfg`` for the :func:`local_hf_text_tower` at ``path`` (random init, 16 tokens)."""
+    return {"context_length": 16, "hf_model_name": str(path), "hf_model_pretrained": False,
+            "hf_proj_type": "linear", "hf_pooler_type": "cls_pooler"}

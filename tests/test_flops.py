@@ -10,6 +10,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from clip_hvt import factory, flops, train
+from conftest import hf_text_cfg
 
 TEXT = {"context_length": 16, "width": 32, "heads": 2, "layers": 1}
 TINY = {
@@ -113,8 +114,7 @@ def test_tower_costs_leave_every_submodule_in_its_mode():
 def test_a_hugging_face_text_tower_is_counted_on_real_weights(local_hf_text_tower):
     # its attention-mask check reads values, which the meta device has not: counted on zeros instead
     cfg = {"embed_dim": 16, "vision_cfg": {"image_size": 32, "layers": 1, "width": 64, "patch_size": 8, "head_width": 32},
-           "text_cfg": {"context_length": 16, "hf_model_name": str(local_hf_text_tower), "hf_model_pretrained": False,
-                        "hf_proj_type": "linear", "hf_pooler_type": "cls_pooler"}}
+           "text_cfg": hf_text_cfg(local_hf_text_tower)}
     torch.manual_seed(0)
     model = factory.create_model(cfg)
     expected = flops.count_flops(model.encode_text, torch.zeros(1, 16, dtype=torch.long))

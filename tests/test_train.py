@@ -8,6 +8,7 @@ import torch
 
 from clip_hvt import train
 from clip_hvt.export import main as export_main
+from conftest import hf_text_cfg
 
 
 def _logged_steps(metrics_csv):
@@ -126,8 +127,7 @@ def test_skip_monitor_and_requeue_handler_are_added_when_the_config_lists_no_cal
 
 def test_a_hugging_face_text_tower_trains(tiny_config, in_tmp, local_hf_text_tower):
     # its FLOPs cannot be counted on the meta device (the attention-mask check reads values): setup must not fail
-    text = json.dumps({"context_length": 16, "hf_model_name": str(local_hf_text_tower), "hf_model_pretrained": False,
-                       "hf_proj_type": "linear", "hf_pooler_type": "cls_pooler"})
+    text = json.dumps(hf_text_cfg(local_hf_text_tower))
     _run(tiny_config, in_tmp / "shapes", "--model.model_cfg.text_cfg", text, "--trainer.max_steps", "2",
          "--final_validation", "false")
     assert _logged_steps(in_tmp / "runs" / "tiny" / "lightning_logs" / "version_0" / "metrics.csv") == [0, 1]
