@@ -3,7 +3,8 @@
 Forward + backward (no optimizer) of each timm trunk (``num_classes=0``) on one batch, repeated; achieved
 GFLOP/s = 3 x forward FLOPs per image (``clip_hvt.flops.count_flops``, attention included) x images/s.
 Models alternate round by round so load from other processes hits all alike; the median over rounds is
-compared with ViT-S/16's in the same setting. Settings: eager or ``torch.compile`` (``model.compile()``,
+compared with ViT-S/16's in the same setting. Freed memory stays in the process, as in training
+(``--malloc default`` for glibc's own behaviour). Settings: eager or ``torch.compile`` (``model.compile()``,
 in place), fp32 or bf16 autocast. Under compile the bench also prints graph breaks and compiled graphs
 (a fixed shape should give one graph each way, and no recompile after the warm-up).
 
@@ -27,6 +28,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import clip_hvt  # noqa: F401  (registers cvt_* and *_ms in timm)
 from clip_hvt.flops import count_flops
+from clip_hvt.train import keep_freed_memory
 from common import matmul_gflops
 
 REFERENCE = "vit_small_patch16_224"
@@ -132,14 +134,19 @@ def main():
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps (compilation included)")
     parser.add_argument("--matmuls", nargs="*", default=[], help="models whose step is compared with its matmuls")
+    parser.add_argument("--malloc", choices=("keep", "default"), default="keep",
+                        help="keep: freed memory stays in the process, as the training command has it "
+                             "(clip_hvt.train.keep_freed_memory); default: glibc's own thresholds")
     args = parser.parse_args()
+    if args.malloc == "keep" and not keep_freed_memory():
+        print("this C library is not glibc: --malloc keep changes nothing")
     torch.set_num_threads(args.threads)
     if REFERENCE not in args.models:
         args.models.insert(0, REFERENCE)
     flops = {name: forward_gflops(name, args.img_size) for name in args.models}
     print(f"forward GFLOPs/image at {args.img_size} px: " + ", ".join(f"{n} {f:.2f}" for n, f in flops.items()))
     print(f"batch {args.batch_size}, {args.threads} threads, {args.rounds} rounds x {args.iters} steps "
-          f"(medians), matmul 2048² fp32 {matmul_gflops():.0f} GFLOP/s at start", flush=True)
+          f"(medians), malloc {args.malloc}, matmul 2048² fp32 {matmul_gflops():.0f} GFLOP/s at start", flush=True)
     table = []
     for setting in args.settings:
         rates, graphs, recompiled = run_setting(setting, args)
