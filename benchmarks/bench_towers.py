@@ -139,7 +139,7 @@ def main():
                              "(clip_hvt.train.keep_freed_memory); default: glibc's own thresholds")
     args = parser.parse_args()
     if args.malloc == "keep" and not keep_freed_memory():
-        print("this C library is not glibc: --malloc keep changes nothing")
+        print("keep_freed_memory() took no effect (the C library is not glibc): --malloc keep changes nothing")
     torch.set_num_threads(args.threads)
     if REFERENCE not in args.models:
         args.models.insert(0, REFERENCE)

@@ -201,9 +201,9 @@ def keep_freed_memory() -> bool:
     Every training step frees and allocates again the same large activation buffers. By default glibc serves
     blocks above its mmap threshold (at most 32 MiB) with fresh mappings and trims a heap whose free top
     grows past twice that, so the kernel zero-fills the same pages again every step: about 100,000 page
-    faults a step for PVTv2-B2 at 224 px and batch 8, at 1.7 us each on this CPU, ~3% of the step. With both
-    thresholds raised the blocks stay in the heap; the process keeps its peak, which it reaches every step
-    anyway (measured: peak RSS +2.4%). Written here because no library sets this from inside a process (the
+    faults a step for PVTv2-B2 at 224 px and batch 8, at 1.7 us each on a 2-core CPU (its tower alone ran 23%
+    faster at batch 16 with this; benchmarks/README.md). With both thresholds raised the blocks stay in the
+    heap; the process keeps its peak, which it reaches every step anyway (measured: peak RSS +2.4%). Written here because no library sets this from inside a process (the
     field's advice, jemalloc or tcmalloc via LD_PRELOAD, has to be set up before Python starts). Returns
     whether it took effect: False where the C library is not glibc (macOS, musl), which keep their own.
     """
@@ -212,7 +212,7 @@ def keep_freed_memory() -> bool:
     except (OSError, AttributeError):
         return False
     M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # <malloc.h>
-    # glibc before 2.35 refuses an mmap threshold above half its heap size (32 MiB on 64-bit systems)
+    # some glibc versions refuse an mmap threshold above half their heap size (32 MiB on 64-bit): take that
     if not any(mallopt(M_MMAP_THRESHOLD, limit) == 1 for limit in (1 << 30, 1 << 25)):
         return False
     return mallopt(M_TRIM_THRESHOLD, 1 << 30) == 1
