@@ -35,6 +35,7 @@ from . import factory
 from .cli import UserError, run
 from .data.pipeline import eval_loader, normalize_uint8, split_normalize
 from .data.sample import IMAGE_KEYS, MAX_IMAGE_PIXELS, SKIP_REASONS, SkipSample, read_tar
+from .malloc import keep_freed_memory
 
 log = logging.getLogger(__name__)
 
@@ -553,6 +554,7 @@ def _repeatable(args: list[str], flags: Sequence[str] = ("--model", "--data")) -
 
 
 def cli_main(args: list[str] | None = None):
+    keep_freed_memory()
     return run(main, _repeatable(list(sys.argv[1:] if args is None else args)), prog="python -m clip_hvt.eval")
 
 

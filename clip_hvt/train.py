@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import atexit
-import ctypes
 import gc
 import glob
 import importlib
@@ -35,6 +34,7 @@ with gc_paused():  # Lightning's import (torchmetrics, scipy, ...) is most of ou
     from .config import to_open_clip
     from .data.datamodule import WebDataModule
     from .export import export_from_trainer
+    from .malloc import keep_freed_memory
     from .module import CLIPModule
 
 PROG = "python -m clip_hvt.train"
@@ -193,29 +193,6 @@ def build(args: list[str] | None = None, debug: bool = False) -> CLI:
         if debug:
             raise
         sys.exit(f"{PROG}: error: {err}")
-
-
-def keep_freed_memory() -> bool:
-    """Have glibc's malloc keep freed memory for reuse rather than hand it back to the kernel.
-
-    Every training step frees and allocates again the same large activation buffers. By default glibc serves
-    blocks above its mmap threshold (at most 32 MiB) with fresh mappings and trims a heap whose free top
-    grows past twice that, so the kernel zero-fills the same pages again every step: about 100,000 page
-    faults a step for PVTv2-B2 at 224 px and batch 8, at 1.7 us each on a 2-core CPU (its tower alone ran 23%
-    faster at batch 16 with this; benchmarks/README.md). With both thresholds raised the blocks stay in the
-    heap; the process keeps its peak, which it reaches every step anyway (measured: peak RSS +2.4%). Written here because no library sets this from inside a process (the
-    field's advice, jemalloc or tcmalloc via LD_PRELOAD, has to be set up before Python starts). Returns
-    whether it took effect: False where the C library is not glibc (macOS, musl), which keep their own.
-    """
-    try:
-        mallopt = ctypes.CDLL(None).mallopt  # the C library the interpreter runs on
-    except (OSError, AttributeError):
-        return False
-    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # <malloc.h>
-    # some glibc versions refuse an mmap threshold above half their heap size (32 MiB on 64-bit): take that
-    if not any(mallopt(M_MMAP_THRESHOLD, limit) == 1 for limit in (1 << 30, 1 << 25)):
-        return False
-    return mallopt(M_TRIM_THRESHOLD, 1 << 30) == 1
 
 
 def main(args: list[str] | None = None) -> dict:

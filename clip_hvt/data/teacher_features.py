@@ -19,6 +19,7 @@ import webdataset as wds
 
 from ..cli import UserError, run
 from ..distill import Distill, Teacher
+from ..malloc import keep_freed_memory
 from .pipeline import decode, read_shards
 from .sample import TAR_MTIME, TARGET_MEMBERS, SkipCounter, captions
 from .shards import SIZES_FILE, expand_sources
@@ -88,6 +89,7 @@ def add_teacher_features(shards: str, out: str, teacher: str, weights: str | Non
 
 
 def main(args: list[str] | None = None) -> dict:
+    keep_freed_memory()
     return run(add_teacher_features, args, prog="python -m clip_hvt.data.teacher_features")
 
 
