@@ -28,7 +28,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import clip_hvt  # noqa: F401  (registers cvt_* and *_ms in timm)
 from clip_hvt.flops import count_flops
-from clip_hvt.train import keep_freed_memory
+from clip_hvt.malloc import keep_freed_memory
 from common import matmul_gflops
 
 REFERENCE = "vit_small_patch16_224"
@@ -136,7 +136,7 @@ def main():
     parser.add_argument("--matmuls", nargs="*", default=[], help="models whose step is compared with its matmuls")
     parser.add_argument("--malloc", choices=("keep", "default"), default="keep",
                         help="keep: freed memory stays in the process, as the training command has it "
-                             "(clip_hvt.train.keep_freed_memory); default: glibc's own thresholds")
+                             "(clip_hvt.malloc.keep_freed_memory); default: glibc's own thresholds")
     args = parser.parse_args()
     if args.malloc == "keep" and not keep_freed_memory():
         print("keep_freed_memory() took no effect (the C library is not glibc): --malloc keep changes nothing")
