@@ -1,4 +1,5 @@
-"""glibc's malloc set for long compute: training, evaluation, teacher targets (the commands call it first)."""
+"""glibc's malloc set up for long computations: training, evaluation and teacher targets call
+``keep_freed_memory`` first."""
 from __future__ import annotations
 
 import ctypes

@@ -29,9 +29,9 @@ print(default, kept, faults(64), faults(64, *[256] * 5))
 
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="mallopt is glibc's")
 def test_keep_freed_memory_stops_page_faults_on_reallocation():
-    """Freed blocks stay in the heap: the pages of buffers freed and allocated again
-    are not zero-filled by the kernel again, even when more than 1 GiB is freed at once (a batch's
-    activations; a finite trim threshold would hand those back). A fresh process: the setting is process-wide."""
+    """Freed blocks stay in the heap: the pages of buffers freed and allocated again are not zero-filled by the
+    kernel again, even when more than 1 GiB is freed at once (a batch's activations; a finite trim threshold
+    would hand those back). In a fresh process: the setting is process-wide."""
     out = subprocess.run([sys.executable, "-c", KEEP_FREED_MEMORY], capture_output=True, text=True, check=True)
     default, kept, after, after_large = out.stdout.split()
     assert kept == "True"
