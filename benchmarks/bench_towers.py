@@ -10,7 +10,8 @@ in place), fp32 or bf16 autocast. Under compile the bench also prints graph brea
 
 ``--matmuls`` also replays every matmul of one step (mm / addmm / bmm, same shapes) on its own and
 prints the step time over the time of its matmuls: what the rest (convolutions, norms, activations,
-layout copies, attention) costs on top of the linear algebra.
+softmax, layout copies) costs on top of the linear algebra. Fused attention (SDPA's CPU flash kernel)
+counts as its six batched products (two forward, four backward), replayed as bmm.
 
     PYTHONPATH=. python benchmarks/bench_towers.py [--models vit_small_patch16_224 pvt_v2_b2 cvt_13 ...]
         [--settings eager-fp32 eager-bf16 compile-fp32 compile-bf16] [--batch-size 16] [--rounds 3]
@@ -53,8 +54,21 @@ def forward_gflops(name: str, size: int) -> float:
         return count_flops(model, torch.zeros(1, 3, size, size)) / 1e9
 
 
+def _attention_products(q: torch.Size, k: torch.Size, v: torch.Size, backward: bool) -> list:
+    """The batched matrix products of attention over (B, heads, L, D) q / k / v, as a fused kernel computes
+    them inside: q k^T and P v forward; dv = P^T dO, dP = dO v^T, dq = dS k and dk = dS^T q backward."""
+    bh, lq, lk, d, dv = q[0] * q[1], q[2], k[2], q[3], v[3]
+    pairs = ([((lk, lq), (lq, dv)), ((lq, dv), (dv, lk)), ((lq, lk), (lk, d)), ((lk, lq), (lq, d))] if backward
+             else [((lq, d), (d, lk)), ((lq, lk), (lk, dv))])
+    return [(aten.bmm.default, [torch.Size((bh, *a)), torch.Size((bh, *b))], {}) for a, b in pairs]
+
+
+_SDPA_FORWARD = (aten._scaled_dot_product_flash_attention_for_cpu.default,)
+_SDPA_BACKWARD = (aten._scaled_dot_product_flash_attention_for_cpu_backward.default,)
+
+
 class _Matmuls(TorchDispatchMode):
-    """Records the shapes of every mm / addmm / bmm that runs."""
+    """Records the shapes of every mm / addmm / bmm that runs, and of the products inside fused attention."""
 
     def __init__(self):
         super().__init__()
@@ -63,6 +77,10 @@ class _Matmuls(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         if func in (aten.mm.default, aten.addmm.default, aten.bmm.default):
             self.calls.append((func, [a.shape if isinstance(a, torch.Tensor) else a for a in args], kwargs or {}))
+        elif func in _SDPA_FORWARD:
+            self.calls += _attention_products(args[0].shape, args[1].shape, args[2].shape, backward=False)
+        elif func in _SDPA_BACKWARD:  # grad_out, q, k, v, ...
+            self.calls += _attention_products(args[1].shape, args[2].shape, args[3].shape, backward=True)
         return func(*args, **(kwargs or {}))
 
 

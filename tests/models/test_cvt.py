@@ -217,3 +217,36 @@ def test_strided_qkv_projections_run_in_fp32_under_cpu_autocast():
         ('conv_proj_q', torch.bfloat16), ('conv_proj_k', torch.float32), ('conv_proj_v', torch.float32)}
     assert all(p.grad is not None for p in model.parameters())
     torch.testing.assert_close(out.float(), ref, rtol=0, atol=0.1)  # bf16 rounding, not a different function
+
+
+def test_prefix_tokens_are_projected_as_if_joined_first():
+    """ q/k/v linears run on the class token and the map tokens apart (a speed path); the result, and every
+    gradient, is that of joining the tokens first and projecting them together, as the reference CvT does. """
+    torch.manual_seed(0)
+    attn = cvt.ConvAttention(32, num_heads=2, num_prefix_tokens=1).train()
+    H, W = 6, 5
+    x = torch.randn(3, 1 + H * W, 32, requires_grad=True)
+
+    def joined_first(x):
+        B, N, C = x.shape
+        prefix, x_map = x[:, :1], x[:, 1:].reshape(B, H, W, C).permute(0, 3, 1, 2)
+        qkv = [attn._heads(linear(torch.cat([prefix, proj(x_map)], dim=1))) for proj, linear in
+               ((attn.conv_proj_q, attn.q), (attn.conv_proj_k, attn.k), (attn.conv_proj_v, attn.v))]
+        out = torch.softmax(qkv[0] * attn.scale @ qkv[1].transpose(-2, -1), dim=-1) @ qkv[2]
+        return attn.proj(out.transpose(1, 2).reshape(B, N, C))
+
+    weights = torch.randn(3, 1 + H * W, 32)
+    results = []
+    for forward in (joined_first, lambda x: attn(x, (H, W))):
+        attn.zero_grad()
+        x.grad = None
+        out = forward(x)
+        (out * weights).sum().backward()
+        results.append((out.detach(), x.grad.clone(), {n: p.grad.clone() for n, p in attn.named_parameters()}))
+    (ref, ref_dx, ref_grads), (out, dx, grads) = results
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-5)
+    torch.testing.assert_close(dx, ref_dx, rtol=0, atol=1e-5)
+    for name, grad in ref_grads.items():
+        # k's bias shifts every key alike, which softmax ignores: its gradient is rounding noise around 0
+        torch.testing.assert_close(grads[name], grad, rtol=1e-5, atol=1e-5, msg=name)
+    assert ref_grads['k.bias'].abs().max() < 1e-5
