@@ -24,12 +24,12 @@ from . import gc_paused
 
 with gc_paused():  # Lightning's import (torchmetrics, scipy, ...) is most of our start-up
     from lightning.pytorch import callbacks as pl_callbacks
-    from lightning.pytorch.callbacks import ModelCheckpoint
     from jsonargparse import Namespace
     from lightning.pytorch.cli import LightningCLI
 
     from . import slurm
     from .callbacks import ModelSummary, RichModelSummary, SkipMonitor, ZeroShotEvaluation
+    from .checkpoint import ModelCheckpoint
     from .cli import UserError, explain, refuse_nested_configs
     from .config import to_open_clip
     from .data.datamodule import WebDataModule
@@ -221,7 +221,10 @@ def main(args: list[str] | None = None) -> dict:
         trainer.fit(model, datamodule=data, ckpt_path=cli.config.ckpt_path)
         metrics = {}
         if cli.config.final_validation and data.val_shards:
-            results = trainer.validate(model, datamodule=data, verbose=False)
+            # "last", the state training ended with (clip_hvt.checkpoint.ModelCheckpoint saves it; the model as it
+            # is where no last.ckpt is kept). Not None: on SLURM, Lightning then loads the newest hpc_ckpt_*.ckpt
+            # in the run directory, the stale state of a pre-timeout save, and the export below would write it.
+            results = trainer.validate(model, datamodule=data, ckpt_path="last", verbose=False)
             metrics = results[0] if results else {}
         if cli.config.export_dir:
             export_from_trainer(trainer, model, cli.config.export_dir)

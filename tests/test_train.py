@@ -5,6 +5,7 @@ import json
 import open_clip
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from clip_hvt import train
 from clip_hvt.export import main as export_main
@@ -48,6 +49,50 @@ def test_fit_validates_exports_and_resume_continues_global_step(tiny_config, in_
     config = json.loads((in_tmp / "export" / "open_clip_config.json").read_text())
     assert config["model_cfg"]["vision_cfg"]["timm_model_name"] == "pvt_v2_b0"
     assert config["preprocess_cfg"]["size"] == 32
+
+
+def _model_weights(path):
+    state = torch.load(path, weights_only=True, map_location="cpu")
+    return state["global_step"], {k[len("model."):]: v for k, v in state["state_dict"].items() if k.startswith("model.")}
+
+
+def _assert_export_holds(export_dir, weights):
+    exported = load_file(export_dir / "open_clip_model.safetensors")
+    assert exported.keys() == weights.keys()
+    assert all(torch.equal(exported[k], weights[k]) for k in weights)
+
+
+def test_last_checkpoint_holds_the_final_step_between_step_saves(tiny_config, in_tmp):
+    """5 steps, a step checkpoint every 2: last.ckpt is step 5 (Lightning's own stopped at step 4), and the
+    export and the final validation are of that state."""
+    metrics = _run(tiny_config, in_tmp / "shapes", "--trainer.max_steps", "5", "--trainer.val_check_interval", "5",
+                   "--export_dir", "export")
+    ckpt_dir = in_tmp / "runs" / "tiny" / "checkpoints"
+    assert sorted(p.name for p in ckpt_dir.glob("*.ckpt")) == ["epoch=0-step=4.ckpt", "last.ckpt"]
+    step, weights = _model_weights(ckpt_dir / "last.ckpt")
+    assert step == 5
+    _assert_export_holds(in_tmp / "export", weights)
+    assert metrics["zeroshot/top1"] >= 0
+
+
+def test_final_validation_and_export_on_slurm_ignore_a_stale_hpc_checkpoint(tiny_config, in_tmp, monkeypatch):
+    """A requeued SLURM attempt trains on from the pre-timeout save (hpc_ckpt_1.ckpt) to the end. With
+    ckpt_path None, Lightning's validate loads the newest hpc checkpoint on SLURM: the final validation
+    measured, and the export wrote, the stale state of that save instead of the trained one."""
+    shapes = in_tmp / "shapes"
+    _run(tiny_config, shapes, "--trainer.max_steps", "2", "--final_validation", "false")  # the first attempt
+    root = in_tmp / "runs" / "tiny"
+    (root / "hpc_ckpt_1.ckpt").write_bytes((root / "checkpoints" / "last.ckpt").read_bytes())
+    for key, value in {"SLURM_NTASKS": "1", "SLURM_JOB_ID": "7", "SLURM_JOB_NAME": "clip", "SLURM_PROCID": "0",
+                       "SLURM_LOCALID": "0", "SLURM_NODEID": "0", "SLURM_NNODES": "1"}.items():
+        monkeypatch.setenv(key, value)
+    _run(tiny_config, shapes, "--ckpt_path", str(root / "hpc_ckpt_1.ckpt"), "--export_dir", "export")
+
+    step, weights = _model_weights(root / "checkpoints" / "last.ckpt")
+    hpc_step, hpc_weights = _model_weights(root / "hpc_ckpt_1.ckpt")
+    assert (hpc_step, step) == (2, 4)
+    _assert_export_holds(in_tmp / "export", weights)
+    assert not all(torch.equal(weights[k], hpc_weights[k]) for k in weights)
 
 
 def test_export_cli_matches_checkpoint_through_open_clip(tiny_config, in_tmp):
