@@ -16,6 +16,7 @@ import lightning.pytorch as pl
 import pytest
 import torch
 import yaml
+from safetensors.torch import load_file
 
 from clip_hvt import flops, slurm
 from clip_hvt.data import synthetic
@@ -201,6 +202,21 @@ def _steps(metrics_csv: Path) -> list[int]:
         return [int(row["step"]) for row in csv.DictReader(f) if row.get("train/loss")]
 
 
+def _assert_resumed_after_signal(second: str, hpc: Path, saved: int, every: int, metrics_csv: Path, steps: int):
+    """The attempt after a pre-timeout save resumes from the newest checkpoint (slurm/launch.sh): the save,
+    hpc_ckpt_1.ckpt at step ``saved``, or a step checkpoint (every ``every`` steps) that the attempt wrote after
+    it while SLURM was stopping it. Either way it trains on from that step to the end."""
+    resumed = Path(re.search(r"resume from (\S+\.ckpt),", second)[1])
+    assert f"Restored all states from the checkpoint at {resumed}" in second
+    trained = _steps(metrics_csv)
+    if resumed == hpc:
+        assert trained[0] == saved
+    else:
+        assert resumed.parent == hpc.parent / "checkpoints" and saved < trained[0] <= saved + every
+        assert trained[0] % every == 0
+    assert trained == list(range(trained[0], steps))
+
+
 def _shapes(tmp_path: Path) -> Path:
     """The generated shapes data of the tiny configs (tests/configs/tiny.yaml, configs/cpu_ddp.yaml) in the test dir."""
     shapes = tmp_path / "shapes"
@@ -286,8 +302,7 @@ def test_time_limit_signal_reaches_the_tasks_which_save_and_requeue_the_job(slur
     # clip_hvt.slurm.RequeueOnSignal did it at a step boundary, not Lightning's in-handler save
     assert f"SIGUSR1: saved {hpc} at step {saved} and requeued SLURM job {job_id}" in first
     assert "Handling auto-requeue signal" not in first
-    assert f"resume from {hpc}," in second and f"Restored all states from the checkpoint at {hpc}" in second
-    assert _steps(out_dir / "lightning_logs" / "version_1" / "metrics.csv") == list(range(saved, 30))
+    _assert_resumed_after_signal(second, hpc, saved, 5, out_dir / "lightning_logs" / "version_1" / "metrics.csv", 30)
     assert torch.load(out_dir / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 30
 
 
@@ -365,8 +380,15 @@ def test_sweep_array_trains_each_arm_resumes_a_requeued_task_and_feeds_the_repor
     saved = torch.load(hpc, weights_only=True, map_location="cpu")["global_step"]
     assert 10 <= saved < SWEEP_STEPS
     assert f"SIGUSR1: saved {hpc} at step {saved} and requeued SLURM job {tasks[1]}" in first
-    assert f"resume from {hpc}," in second and f"Restored all states from the checkpoint at {hpc}" in second
-    assert _steps(arms["vit_d12"] / "lightning_logs" / "version_1" / "metrics.csv") == list(range(saved, SWEEP_STEPS))
+    _assert_resumed_after_signal(second, hpc, saved, 10, arms["vit_d12"] / "lightning_logs" / "version_1" / "metrics.csv",
+                                 SWEEP_STEPS)
+    # The final validation and the export are of the trained state, not of the stale hpc_ckpt_1.ckpt in the run
+    # directory (which Lightning's validate loads on SLURM when given no checkpoint).
+    loaded = re.findall(r"Loaded model weights from the checkpoint at (\S+)", second)
+    assert len(loaded) == 1 and loaded[0].endswith("/checkpoints/last.ckpt"), loaded
+    final = torch.load(arms["vit_d12"] / "checkpoints" / "last.ckpt", weights_only=True, map_location="cpu")
+    exported = load_file(arms["vit_d12"] / "export" / "open_clip_model.safetensors")
+    assert all(torch.equal(exported[k[len("model."):]], v) for k, v in final["state_dict"].items() if k.startswith("model."))
 
     # The report over the arms, as the README runs it: one row per arm with its cost and final metrics.
     report = _run(sys.executable, "-m", "clip_hvt.report", *sorted(map(str, sweep.iterdir())), "--out",
