@@ -3,6 +3,7 @@ Hugging Face text tower."""
 import inspect
 import io
 import os
+import shutil
 import tarfile
 from pathlib import Path
 
@@ -17,6 +18,22 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 TESTS = os.path.dirname(__file__)
 TINY_CONFIG = os.path.join(TESTS, "configs", "tiny.yaml")
+# The most a run with the slow tests holds under pytest's temp dir at once (5.8 GB measured: the README's blocks
+# keep checkpoints of 224-px models), with a margin. Passed tests' directories are removed (pyproject.toml).
+SLOW_RUN_DISK_BYTES = 7 * 2**30
+
+
+def pytest_collection_finish(session):
+    """A run with slow tests on a disk without room for them stops at once, saying so, instead of with
+    'No space left on device' minutes in."""
+    if session.config.option.collectonly or not any(item.get_closest_marker("slow") for item in session.items):
+        return
+    basetemp = session.config._tmp_path_factory.getbasetemp()
+    free = shutil.disk_usage(basetemp).free
+    if free < SLOW_RUN_DISK_BYTES:
+        pytest.exit(f"{free / 2**30:.1f} GiB free under {basetemp}; the slow tests need "
+                    f"{SLOW_RUN_DISK_BYTES / 2**30:.0f} GiB there at once: free some (old /tmp/pytest-of-*/ "
+                    "directories of failed runs?) or run without them: python -m pytest", returncode=1)
 
 # The smallest open_clip config with a timm tower that trains and evaluates in a second on a CPU.
 TINY_MODEL_CFG = {
