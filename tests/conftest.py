@@ -1,5 +1,5 @@
 """Shared test builders: a tar writer that can cut its output, JPEG bytes, a tiny model config, a tiny
-Hugging Face text tower."""
+Hugging Face text tower; and a free-disk check before a run with the slow tests."""
 import inspect
 import io
 import os
@@ -18,7 +18,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 TESTS = os.path.dirname(__file__)
 TINY_CONFIG = os.path.join(TESTS, "configs", "tiny.yaml")
-# The most a run with the slow tests holds under pytest's temp dir at once (5.8 GB measured: the README's blocks
+# The most a run with the slow tests holds under pytest's temp dir at once (5.6 GiB measured: the README's blocks
 # keep checkpoints of 224-px models), with a margin. Passed tests' directories are removed (pyproject.toml).
 SLOW_RUN_DISK_BYTES = 7 * 2**30
 
@@ -34,6 +34,7 @@ def pytest_collection_finish(session):
         pytest.exit(f"{free / 2**30:.1f} GiB free under {basetemp}; the slow tests need "
                     f"{SLOW_RUN_DISK_BYTES / 2**30:.0f} GiB there at once: free some (old /tmp/pytest-of-*/ "
                     "directories of failed runs?) or run without them: python -m pytest", returncode=1)
+
 
 # The smallest open_clip config with a timm tower that trains and evaluates in a second on a CPU.
 TINY_MODEL_CFG = {
