@@ -85,15 +85,17 @@ def run_python_module(argv: list[str], shapes: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def workdir(tmp_path_factory):
+def workdir(tmp_path_factory, request):
     """One scratch directory for all blocks, holding links to the checkout's configs."""
+    failed_before = request.session.testsfailed
     work = tmp_path_factory.mktemp("readme")
     for name in ("configs", "data_scripts", "slurm"):
         (work / name).symlink_to(ROOT / name)
     yield work
-    # The blocks leave about 5 GB (checkpoints of 224 px models); pytest's own clean-up of module
-    # directories waits for the end of a green session.
-    shutil.rmtree(work, ignore_errors=True)
+    # The blocks leave about 5 GB (checkpoints of 224 px models), and pytest's own clean-up of module
+    # directories waits for the end of a green session: removed here when every block passed.
+    if request.session.testsfailed == failed_before:
+        shutil.rmtree(work, ignore_errors=True)
 
 
 @pytest.mark.slow
