@@ -6,8 +6,10 @@ schedule (linear warmup, cosine to 0 at the last step), no evaluation, one check
 line every ``--log-every`` steps. Each run is a whole process, timed from outside (start-up included).
 Every round runs a short and a long run of each side, alternating sides (and which goes first); the
 steady-state step time is (long - short) / (long steps - short steps), start-up is the short run minus
-its steps. Medians over rounds are compared, and every round's ratios are printed, with the 2048² fp32
-matmul rate measured in each round for scale (the machine may be shared: compare ratios, not times).
+its steps. Medians over rounds are compared, then means (the steady step pooled over rounds: one slow
+short run moves it less than it moves its own round's figure), and every round's ratios are printed, with
+the 2048² fp32 matmul rate measured in each round for scale (the machine may be shared: compare ratios,
+not times).
 The same figures are printed from CPU time (user + system of the process and its data workers), which
 load from other processes disturbs less than wall clock.
 
@@ -170,6 +172,8 @@ def main() -> None:
           f"range {min(gflops):.0f}-{max(gflops):.0f})")
     print("  wall: " + _ratios({k: statistics.median(v) for k, v in times.items()}, args))
     print("  CPU:  " + _ratios({k: statistics.median(v) for k, v in cpu.items()}, args))
+    print(f"mean over {args.rounds} rounds (steady step pooled: all long runs minus all short runs)")
+    print("  wall: " + _ratios({k: statistics.fmean(v) for k, v in times.items()}, args))
 
 
 def _ratios(t: dict, args) -> str:

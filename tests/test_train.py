@@ -1,5 +1,6 @@
 """The train CLI end to end on tiny generated data: fit, resume, export, and bad input."""
 import csv
+import gc
 import json
 
 import open_clip
@@ -60,6 +61,18 @@ def _assert_export_holds(export_dir, weights):
     exported = load_file(export_dir / "open_clip_model.safetensors")
     assert exported.keys() == weights.keys()
     assert all(torch.equal(exported[k], weights[k]) for k in weights)
+
+
+def test_the_command_freezes_what_its_imports_built_before_training(monkeypatch):
+    """`run` (python -m clip_hvt.train) freezes, `main` (what tests call) does not."""
+    frozen_in_main = []
+    monkeypatch.setattr(train, "main", lambda: frozen_in_main.append(gc.get_freeze_count()))
+    gc.unfreeze()
+    try:
+        train.run()
+    finally:
+        gc.unfreeze()
+    assert frozen_in_main and frozen_in_main[0] > 100_000  # torch, Lightning, open_clip, timm: ~600k objects
 
 
 def test_last_checkpoint_holds_the_final_step_between_step_saves(tiny_config, in_tmp):
