@@ -64,7 +64,7 @@ def _assert_export_holds(export_dir, weights):
 
 
 def test_the_command_freezes_what_its_imports_built_before_training(monkeypatch):
-    """`run` (python -m clip_hvt.train) freezes, `main` (what tests call) does not."""
+    """`run` (python -m clip_hvt.train) freezes what is alive before it calls `main`."""
     frozen_in_main = []
     monkeypatch.setattr(train, "main", lambda: frozen_in_main.append(gc.get_freeze_count()))
     gc.unfreeze()
