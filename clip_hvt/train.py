@@ -19,6 +19,7 @@ import inspect
 import os
 import sys
 import warnings
+from contextlib import contextmanager
 
 from . import gc_paused
 
@@ -26,6 +27,7 @@ with gc_paused():  # Lightning's import (torchmetrics, scipy, ...) is most of ou
     from lightning.pytorch import callbacks as pl_callbacks
     from jsonargparse import Namespace
     from lightning.pytorch.cli import LightningCLI
+    from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
     from . import slurm
     from .callbacks import ModelSummary, RichModelSummary, SkipMonitor, ZeroShotEvaluation
@@ -185,14 +187,25 @@ def resume_notice(trainer, ckpt_path: str | None) -> str | None:
     return f"{PROG}: no checkpoint in {', '.join(dirs) or trainer.default_root_dir}, starting from step 0"
 
 
-def build(args: list[str] | None = None, debug: bool = False) -> CLI:
-    """Parse the config and build trainer, model and data module; bad input exits with one line."""
+@contextmanager
+def _one_line(debug: bool, errors: tuple[type[Exception], ...]):
+    """``errors`` raised inside end the command with one line, ``prog: error: ...`` (``--debug``: the traceback)."""
     try:
-        return _build(args)
-    except (ValueError, FileNotFoundError) as err:  # UserError, a bad model name, shard pattern, ...
+        yield
+    except errors as err:
         if debug:
             raise
         sys.exit(f"{PROG}: error: {err}")
+
+
+# Lightning's word for a setting that cannot work (an accelerator the machine lacks, a callback that needs a logger)
+_MISCONFIGURED = (MisconfigurationException,)
+
+
+def build(args: list[str] | None = None, debug: bool = False) -> CLI:
+    """Parse the config and build trainer, model and data module; bad input exits with one line."""
+    with _one_line(debug, (ValueError, FileNotFoundError, *_MISCONFIGURED)):  # UserError, a bad model name, ...
+        return _build(args)
 
 
 def main(args: list[str] | None = None) -> dict:
@@ -210,15 +223,12 @@ def main(args: list[str] | None = None) -> dict:
             warnings.filterwarnings("ignore", message=message)
         cli = build(args, debug)
         trainer, model, data = cli.trainer, cli.model, cli.datamodule
-        try:
+        with _one_line(debug, (UserError,)):
             notice = resume_notice(trainer, cli.config.ckpt_path)
-        except UserError as err:
-            if debug:
-                raise
-            sys.exit(f"{PROG}: error: {err}")
         if notice and trainer.is_global_zero:
             print(notice, file=sys.stderr, flush=True)
-        trainer.fit(model, datamodule=data, ckpt_path=cli.config.ckpt_path)
+        with _one_line(debug, _MISCONFIGURED):
+            trainer.fit(model, datamodule=data, ckpt_path=cli.config.ckpt_path)
         metrics = {}
         if cli.config.final_validation and data.val_shards:
             # "last", the state training ended with (clip_hvt.checkpoint.ModelCheckpoint saves it; the model as it

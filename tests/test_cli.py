@@ -247,6 +247,24 @@ def test_resume_from_a_path_that_does_not_exist_ends_in_one_line(tmp_path):
     assert f"--ckpt_path '{tmp_path / 'nope.ckpt'}' is not a file" in message
 
 
+def test_trainer_settings_lightning_rejects_at_build_end_in_one_line(tmp_path):
+    # Lightning raises MisconfigurationException when the Trainer is made (an accelerator the machine lacks alike)
+    message = one_line_error(train.main, ["--config", TINY, "--data.shapes.root", str(tmp_path / "shapes"),
+                                          "--trainer.default_root_dir", str(tmp_path / "run"),
+                                          "--trainer.devices", "0"])
+    assert message.startswith("python -m clip_hvt.train: error: ") and "devices='0'" in message
+
+
+def test_trainer_settings_lightning_rejects_at_fit_end_in_one_line(tmp_path):
+    # LearningRateMonitor checks for a logger only when fit starts
+    message = one_line_error(train.main, ["--config", TINY, "--data.shapes.root", str(tmp_path / "shapes"),
+                                          "--trainer.default_root_dir", str(tmp_path / "run"),
+                                          "--trainer.logger", "false",
+                                          "--trainer.callbacks+=lightning.pytorch.callbacks.LearningRateMonitor"])
+    assert message.startswith("python -m clip_hvt.train: error: ") and "LearningRateMonitor" in message
+    assert "logger" in message
+
+
 def test_a_step_bounded_run_shows_no_negative_epoch_count(tmp_path):
     from lightning.pytorch.callbacks import TQDMProgressBar
     built = train.build(["--config", TINY, "--data.shapes.root", str(tmp_path / "shapes"),
