@@ -9,6 +9,7 @@ from open_clip.transform import PreprocessCfg, image_transform_v2
 import torch
 
 from . import factory
+from .cli import UserError
 from .data.sample import MAX_IMAGE_PIXELS, SKIP_REASONS
 from .eval import CLASSIFICATION, evaluate_set, load_set
 
@@ -115,7 +116,7 @@ class SkipMonitor(pl.Callback):
         seen = total_skipped + used
         if seen >= self.min_samples and total_skipped / seen > self.max_skip_rate:
             detail = ", ".join(f"{r}={n}" for r, n in zip(SKIP_REASONS, skipped.tolist()) if n)
-            raise RuntimeError(f"{total_skipped} of {seen} samples skipped ({total_skipped / seen:.1%} > "
+            raise UserError(f"{total_skipped} of {seen} samples skipped ({total_skipped / seen:.1%} > "
                                f"max_skip_rate {self.max_skip_rate:.1%}): {detail}. Check the shards with "
                                "`python -m clip_hvt.data.check --paths DIR`.")
 

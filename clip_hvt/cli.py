@@ -88,11 +88,13 @@ def run(command: Callable[..., Any] | dict[str, Callable[..., Any]], args: list[
     if isinstance(command, dict):
         first = next(iter(command.values()))
         prog = prog or f"python -m {first.__module__}"
+        debug = ["--debug"] * ("--debug" in args)  # given before the command name too
+        args = [a for a in args if a != "--debug"]
         if not args or args[0] not in command:
             given = f"unknown command '{args[0]}'" if args and not args[0].startswith("-") else "no command given"
             sys.exit(f"{prog}: error: {given}; give one of {', '.join(command)} first "
                      f"(then --help for its options)")
-        return run(command[args[0]], args[1:], f"{prog} {args[0]}", train_config)
+        return run(command[args[0]], args[1:] + debug, f"{prog} {args[0]}", train_config)
     debug = "--debug" in args
     if debug:
         args.remove("--debug")

@@ -17,7 +17,6 @@ import json
 import logging
 import math
 import os
-import pickle
 import re
 import sys
 from dataclasses import dataclass, field
@@ -204,10 +203,6 @@ def load_model(spec: str) -> EvalModel:
         except NotACheckpoint as err:  # export's own check, worded for --model
             raise UserError(f"--model '{spec}' is not a clip_hvt checkpoint ({err.reason}); give a .ckpt written by "
                             "clip_hvt.train, an export directory or OPEN_CLIP_NAME,WEIGHTS_FILE") from None
-        except (KeyError, TypeError, RuntimeError, EOFError, OSError, pickle.UnpicklingError) as err:
-            first = (str(err).splitlines() or [""])[0][:200]
-            raise UserError(f"--model '{spec}' is not a clip_hvt checkpoint ({type(err).__name__}: {first}); give "
-                            "a .ckpt written by clip_hvt.train, an export directory or OPEN_CLIP_NAME,WEIGHTS_FILE") from None
         return EvalModel(model, factory.create_tokenizer(model_cfg), factory.image_transforms(model_cfg)[1],
                          str(path), str(path))
     name, _, weights = spec.partition(",")

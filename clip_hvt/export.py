@@ -58,12 +58,26 @@ def export_from_trainer(trainer, module, out_dir: str | Path) -> Path | None:
 
 
 class NotACheckpoint(cli.UserError):
-    """A file that is not a ``clip_hvt.train`` checkpoint; ``reason`` says why (for callers that word the
-    error their own way, e.g. ``clip_hvt.eval``'s ``--model``)."""
+    """A file that is not a ``clip_hvt.train`` checkpoint, or one whose model cannot be built from it; ``reason``
+    says why (for callers that word the error their own way, e.g. ``clip_hvt.eval``'s ``--model``)."""
 
     def __init__(self, message: str, reason: str):
         super().__init__(message)
         self.reason = reason
+
+
+def _in_one_line(text: str, lines: int = 1, limit: int = 400) -> str:
+    """The first ``lines`` non-blank lines of an error's text, joined, for a one-line message."""
+    kept = [line.strip() for line in text.splitlines() if line.strip()][:lines]
+    joined = " ".join(kept) or "no detail"
+    return joined if len(joined) <= limit else joined[:limit - 3] + "..."
+
+
+def _refused(err: Exception) -> str:
+    """What ``torch.load`` refused: the detail after its advice to load with weights_only=False, which a file of
+    unknown origin must not get."""
+    _, found, detail = str(err).partition("WeightsUnpickler error:")
+    return _in_one_line(detail if found else str(err))
 
 
 def load_checkpoint(ckpt_path: str | Path) -> dict:
@@ -77,8 +91,8 @@ def load_checkpoint(ckpt_path: str | Path) -> dict:
                 "checkpoints directory (e.g. runs/NAME/checkpoints/last.ckpt)")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as err:  # not a (safe) torch file
-        reason = f"{type(err).__name__} while reading it safely"
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError) as err:  # not a (safe) torch file
+        reason = f"{type(err).__name__} while reading it safely: {_refused(err)}"
         raise NotACheckpoint(f"{not_ours} ({reason})", reason) from err
     if not (isinstance(ckpt, dict) and isinstance(ckpt.get("hyper_parameters"), dict)
             and "model_cfg" in ckpt["hyper_parameters"] and isinstance(ckpt.get("state_dict"), dict)):
@@ -100,13 +114,22 @@ def model_from_checkpoint(ckpt_path: str | Path, ema: bool | None = None) -> tup
 def model_from_loaded(ckpt: dict, ema: bool | None, ckpt_path: str | Path) -> tuple[torch.nn.Module, dict]:
     """:func:`model_from_checkpoint` of a checkpoint :func:`load_checkpoint` read (``ckpt_path`` names it in errors)."""
     model_cfg = ckpt["hyper_parameters"]["model_cfg"]
-    model = factory.create_model(model_cfg)
+    try:
+        model = factory.create_model(model_cfg)
+    except (KeyError, TypeError, ValueError, RuntimeError) as err:  # e.g. a trunk name no registry knows
+        detail = str(err) if isinstance(err, ValueError) else f"{type(err).__name__}: {err}"  # KeyError: 'x'
+        reason = f"its model_cfg builds no model: {_in_one_line(detail)}"
+        raise NotACheckpoint(f"checkpoint '{ckpt_path}' cannot be loaded ({reason})", reason) from err
     averaged = "current_model_state" in ckpt
     if ema and not averaged:
         raise cli.UserError(f"checkpoint '{ckpt_path}' holds no averaged weights: train with the callback "
                          "lightning.pytorch.callbacks.EMAWeightAveraging, or export without --ema")
     state = ckpt["current_model_state"] if averaged and ema is False else ckpt["state_dict"]
-    model.load_state_dict(open_clip_state(state), strict=True)
+    try:
+        model.load_state_dict(open_clip_state(state), strict=True)
+    except RuntimeError as err:  # missing, unexpected or mis-shaped weights
+        reason = f"its weights do not fit its model_cfg: {_in_one_line(str(err), lines=2)}"  # the first key
+        raise NotACheckpoint(f"checkpoint '{ckpt_path}' cannot be loaded ({reason})", reason) from err
     return model, model_cfg
 
 

@@ -177,7 +177,9 @@ def resume_notice(trainer, ckpt_path: str | None) -> str | None:
     if ckpt_path is None:
         return None
     if ckpt_path != "last":
-        if ckpt_path not in ("hpc", "best", "registry") and not os.path.isfile(ckpt_path):
+        # Lightning's other names (hpc, best, registry[:NAME]) and remote URLs (s3://...) are Lightning's to check
+        named = ckpt_path in ("hpc", "best") or ckpt_path.partition(":")[0].lower() == "registry"
+        if not named and "://" not in ckpt_path and not os.path.isfile(ckpt_path):
             raise UserError(f"--ckpt_path '{ckpt_path}' is not a file; give a checkpoint written by "
                             "clip_hvt.train, or 'last' to resume the run's own last.ckpt")
         return None
@@ -227,7 +229,7 @@ def main(args: list[str] | None = None) -> dict:
             notice = resume_notice(trainer, cli.config.ckpt_path)
         if notice and trainer.is_global_zero:
             print(notice, file=sys.stderr, flush=True)
-        with _one_line(debug, _MISCONFIGURED):
+        with _one_line(debug, (UserError, *_MISCONFIGURED)):  # the data's errors (too few samples, too many skips)
             trainer.fit(model, datamodule=data, ckpt_path=cli.config.ckpt_path)
         metrics = {}
         if cli.config.final_validation and data.val_shards:

@@ -145,17 +145,29 @@ class NotATensor:
 
 @pytest.mark.parametrize("content, expected", [
     (None, "checkpoint '{path}' does not exist; give a .ckpt written by clip_hvt.train"),
-    (b"not a checkpoint at all", "is not a Lightning checkpoint written by clip_hvt.train"),
-    ("pickle", "is not a Lightning checkpoint written by clip_hvt.train; give one from the run's checkpoints "
-               "directory (e.g. runs/NAME/checkpoints/last.ckpt) (UnpicklingError while reading it safely)"),
+    (b"not a checkpoint at all", "is not a Lightning checkpoint written by clip_hvt.train; give one from the run's "
+                                 "checkpoints directory (e.g. runs/NAME/checkpoints/last.ckpt) (UnpicklingError while "
+                                 "reading it safely: Unsupported operand "),
+    ("pickle", "(UnpicklingError while reading it safely: Unsupported global: GLOBAL "),  # names the class it refused
     ("weights", "(e.g. runs/NAME/checkpoints/last.ckpt) (it has no hyper_parameters.model_cfg and state_dict)"),
-], ids=["missing", "garbage", "unsafe-pickle", "plain-weights"])
+    ("unknown-trunk", "checkpoint '{path}' cannot be loaded (its model_cfg builds no model: unknown image encoder "
+                      "'pvt_v2_b99' (vision_cfg.timm_model_name). Close matches: pvt_v2_b5"),
+    ("weights-mismatch", "checkpoint '{path}' cannot be loaded (its weights do not fit its model_cfg: Error(s) in "
+                         "loading state_dict for CLIP: size mismatch for "),
+], ids=["missing", "garbage", "unsafe-pickle", "plain-weights", "unknown-trunk", "weights-mismatch"])
 def test_export_of_a_file_that_is_not_a_checkpoint_ends_in_one_line(content, expected, tmp_path):
     path = tmp_path / "model.ckpt"
     if content == "pickle":
-        path.write_bytes(pickle.dumps({"state_dict": NotATensor()}))
+        path.write_bytes(pickle.dumps({"state_dict": NotATensor()}, protocol=2))  # torch.save's protocol
     elif content == "weights":
         torch.save({"weight": torch.zeros(2)}, path)
+    elif content in ("unknown-trunk", "weights-mismatch"):
+        ckpt = torch.load(_tiny_checkpoint(tmp_path / "tiny.ckpt"), weights_only=True)
+        if content == "unknown-trunk":
+            ckpt["hyper_parameters"]["model_cfg"]["vision_cfg"]["timm_model_name"] = "pvt_v2_b99"
+        else:
+            ckpt["hyper_parameters"]["model_cfg"]["embed_dim"] = 48  # the projections' shapes change
+        torch.save(ckpt, path)
     elif content is not None:
         path.write_bytes(content)
     message = one_line_error(export.main, ["--ckpt", str(path), "--out", str(tmp_path / "out")])
@@ -239,6 +251,10 @@ def test_resume_from_last_without_a_checkpoint_says_it_starts_from_step_0(tmp_pa
     (tmp_path / "run" / "checkpoints").mkdir(parents=True)
     (tmp_path / "run" / "checkpoints" / "last.ckpt").write_bytes(b"")
     assert train.resume_notice(built.trainer, "last") is None
+    for other in ("hpc", "best", "registry", "registry:mine:latest", "memory://bucket/last.ckpt"):
+        assert train.resume_notice(built.trainer, other) is None  # Lightning's names and URLs: Lightning checks
+    with pytest.raises(cli.UserError, match="--ckpt_path 'nope/registry:x' is not a file"):
+        train.resume_notice(built.trainer, "nope/registry:x")
 
 
 def test_resume_from_a_path_that_does_not_exist_ends_in_one_line(tmp_path):
@@ -253,6 +269,15 @@ def test_trainer_settings_lightning_rejects_at_build_end_in_one_line(tmp_path):
                                           "--trainer.default_root_dir", str(tmp_path / "run"),
                                           "--trainer.devices", "0"])
     assert message.startswith("python -m clip_hvt.train: error: ") and "devices='0'" in message
+
+
+def test_too_few_samples_for_one_batch_end_in_one_line(tmp_path):
+    # raised when fit asks for the training loader: the data module's own check, not a traceback
+    message = one_line_error(train.main, ["--config", TINY, "--data.shapes.root", str(tmp_path / "shapes"),
+                                          "--trainer.default_root_dir", str(tmp_path / "run"),
+                                          "--data.batch_size", "512"])
+    assert message == ("python -m clip_hvt.train: error: 256 training samples make no full batch of 512 on 1 rank(s); "
+                       "lower data.batch_size or add data")
 
 
 def test_trainer_settings_lightning_rejects_at_fit_end_in_one_line(tmp_path):
@@ -284,13 +309,23 @@ def test_a_dict_of_subcommands_runs_the_named_one_and_names_the_choices_otherwis
         """Negate."""
         return -a
 
-    commands = {"add": add, "neg": neg}
+    def fail(a: int) -> int:
+        """Refuse."""
+        raise cli.UserError(f"no {a}")
+
+    commands = {"add": add, "neg": neg, "fail": fail}
     assert run(commands, ["add", "--a", "2", "--b", "3"], prog="calc") == 5
     assert run(commands, ["neg", "--a", "2"], prog="calc") == -2
+    assert run(commands, ["--debug", "neg", "--a", "2"], prog="calc") == -2  # --debug may come first
+    with pytest.raises(SystemExit, match="^calc fail: error: no 3$"):
+        run(commands, ["fail", "--a", "3"], prog="calc")
+    for args in (["--debug", "fail", "--a", "3"], ["fail", "--a", "3", "--debug"]):
+        with pytest.raises(cli.UserError, match="no 3"):  # the traceback, wherever --debug stands
+            run(commands, args, prog="calc")
     for args, said in (([], "no command given"), (["mul"], "unknown command 'mul'")):
         with pytest.raises(SystemExit) as exc:
             run(commands, args, prog="calc")
-        assert str(exc.value.code) == f"calc: error: {said}; give one of add, neg first (then --help for its options)"
+        assert str(exc.value.code) == f"calc: error: {said}; give one of add, neg, fail first (then --help for its options)"
 
 
 @pytest.mark.parametrize("command", ["train", "summary"])

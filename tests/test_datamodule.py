@@ -261,11 +261,12 @@ def test_cli_trains_on_faulty_img2dataset_output_and_logs_exact_skip_counts(tiny
 @pytest.mark.slow
 def test_cli_stops_when_the_skip_rate_passes_the_threshold(tiny_config, tmp_path, monkeypatch, faulty_img2dataset):
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(RuntimeError) as err:
+    with pytest.raises(SystemExit) as err:  # the command's one line, not a traceback
         _cli(tiny_config, tmp_path, faulty_img2dataset, max_skip_rate=0.05, min_samples=16)
     first = expected_counts_per_step(16, 1)[0]  # the first batch already passes 5%
     n = sum(first.values())
-    message = str(err.value)
+    message = str(err.value.code)
+    assert message.startswith("python -m clip_hvt.train: error: ") and "\n" not in message
     assert f"{n} of {n + 16} samples skipped ({n / (n + 16):.1%} > max_skip_rate 5.0%)" in message
     assert ", ".join(f"{r}={first[r]}" for r in SKIP_REASONS if r in first) in message
     assert "python -m clip_hvt.data.check" in message

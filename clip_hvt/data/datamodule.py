@@ -12,6 +12,7 @@ import lightning.pytorch as pl
 import torch
 
 from .. import factory
+from ..cli import UserError
 from ..distill import Distill, teacher_tokenizer
 from . import synthetic
 from .pipeline import eval_loader, normalize_uint8, split_normalize, train_loader
@@ -135,7 +136,7 @@ class WebDataModule(pl.LightningDataModule):
         total = self.train_num_samples or count_samples(self.train_sources)
         per_rank = total // (self.batch_size * self.world_size)
         if per_rank < 1:
-            raise ValueError(f"{total} training samples make no full batch of {self.batch_size} on "
+            raise UserError(f"{total} training samples make no full batch of {self.batch_size} on "
                              f"{self.world_size} rank(s); lower data.batch_size or add data")
         return per_rank
 
