@@ -118,7 +118,9 @@ def test_a_hugging_face_text_tower_is_counted_on_real_weights(local_hf_text_towe
     torch.manual_seed(0)
     model = factory.create_model(cfg)
     expected = flops.count_flops(model.encode_text, torch.zeros(1, 16, dtype=torch.long))
-    assert expected > 0
+    w, n, mlp = 32, 16, 64  # the tiny BERT: one layer, 16 tokens; then BERT's pooler on [CLS] and the projection
+    layer = 2 * n * w * 3 * w + 2 * 2 * n * n * w + 2 * n * w * w + 2 * 2 * n * w * mlp
+    assert expected == layer + 2 * w * w + 2 * w * cfg["embed_dim"]
     assert flops.tower_costs(model, cfg)["text_flops"] == expected  # what CLIPModule.setup counts
     assert flops.model_costs(cfg)["text_flops"] == expected  # what the summary and experiment tables count
     assert flops.model_costs(cfg)["image_flops"] == flops.count_flops(model.encode_image, torch.zeros(1, 3, 32, 32))

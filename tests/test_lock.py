@@ -106,6 +106,7 @@ def test_locked_batch_norm_statistics_hold_only_with_freeze_bn_stats(shapes_root
         before = running_means(module)
         fit(module, shapes_root, BN_CFG, steps=1)
         stats[freeze] = [torch.equal(a, b) for a, b in zip(before, running_means(module))]
+    assert len(stats[True]) == len(stats[False]) > 0  # the trunk has BatchNorms to check
     assert all(stats[True]) and not any(stats[False])
 
 
