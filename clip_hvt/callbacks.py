@@ -117,8 +117,8 @@ class SkipMonitor(pl.Callback):
         if seen >= self.min_samples and total_skipped / seen > self.max_skip_rate:
             detail = ", ".join(f"{r}={n}" for r, n in zip(SKIP_REASONS, skipped.tolist()) if n)
             raise UserError(f"{total_skipped} of {seen} samples skipped ({total_skipped / seen:.1%} > "
-                               f"max_skip_rate {self.max_skip_rate:.1%}): {detail}. Check the shards with "
-                               "`python -m clip_hvt.data.check --paths DIR`.")
+                            f"max_skip_rate {self.max_skip_rate:.1%}): {detail}. Check the shards with "
+                            "`python -m clip_hvt.data.check --paths DIR`.")
 
     def on_validation_epoch_start(self, trainer, pl_module) -> None:
         self.val_skipped.zero_()

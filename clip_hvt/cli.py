@@ -6,7 +6,8 @@ overrides of nested typed arguments, ``--print_config``, type validation. Hand-w
 jsonargparse has no notion of a user error and prints its whole usage (hundreds of options) on one:
 a ``UserError`` (bad input a user can fix) and a parse error both end the command with one line,
 ``prog: error: ...``, an unknown key with the closest valid one; ``--debug`` shows the traceback.
-Anything else is a bug and keeps its traceback. ``clip_hvt.train`` (LightningCLI) uses ``explain``.
+Anything else is a bug and keeps its traceback. ``clip_hvt.train`` (LightningCLI) uses ``explain`` and
+``one_line_errors``.
 """
 from __future__ import annotations
 
@@ -15,7 +16,8 @@ import difflib
 import inspect
 import re
 import sys
-from typing import Any, Callable
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator
 
 import jsonargparse
 import yaml
@@ -75,6 +77,17 @@ def refuse_nested_configs(args: list[str]) -> None:
 TRAIN_ONLY = ("seed_everything", "trainer", "data", "checkpoint", "ckpt_path", "export_dir", "final_validation")
 
 
+@contextmanager
+def one_line_errors(prog: str, debug: bool, errors: tuple[type[BaseException], ...] = (UserError,)) -> Iterator[None]:
+    """``errors`` raised inside end the command with one line, ``PROG: error: ...`` (with ``debug``: the traceback)."""
+    try:
+        yield
+    except errors as err:
+        if debug:
+            raise
+        sys.exit(f"{prog}: error: {err}")
+
+
 def run(command: Callable[..., Any] | dict[str, Callable[..., Any]], args: list[str] | None = None,
         prog: str | None = None, train_config: bool = False) -> Any:
     """Parse ``args`` (default ``sys.argv[1:]``) into ``command``'s typed parameters and call it.
@@ -99,12 +112,8 @@ def run(command: Callable[..., Any] | dict[str, Callable[..., Any]], args: list[
     if debug:
         args.remove("--debug")
     prog = prog or f"python -m {command.__module__}"
-    try:
+    with one_line_errors(prog, debug):
         refuse_nested_configs(args)
-    except UserError as err:
-        if debug:
-            raise
-        sys.exit(f"{prog}: error: {err}")
     parser = jsonargparse.ArgumentParser(prog=prog, exit_on_error=False, description=inspect.getdoc(command),
                                          epilog="--debug: show the traceback of an error")
     parser.add_argument("--config", action=jsonargparse.ActionConfigFile, help="a config file (repeatable)")
@@ -116,19 +125,16 @@ def run(command: Callable[..., Any] | dict[str, Callable[..., Any]], args: list[
         for key in TRAIN_ONLY:
             parser.add_argument(f"--{key}", type=Any, default=None, help="(training only; ignored here)")
     try:
-        config = parser.parse_args(args)
-        init = parser.instantiate(config)
-        kwargs = {name: init[name] for name in inspect.signature(command).parameters if name in init}
-        if train_config:
-            from .config import to_open_clip
+        with one_line_errors(prog, debug):
+            config = parser.parse_args(args)
+            init = parser.instantiate(config)
+            kwargs = {name: init[name] for name in inspect.signature(command).parameters if name in init}
+            if train_config:
+                from .config import to_open_clip
 
-            kwargs["model_cfg"] = to_open_clip(config.model.model_cfg)
-        return command(**kwargs)
+                kwargs["model_cfg"] = to_open_clip(config.model.model_cfg)
+            return command(**kwargs)
     except argparse.ArgumentError as err:
         if debug:
             raise
         sys.exit(f"{prog}: error: {explain(parser, err)}")
-    except UserError as err:
-        if debug:
-            raise
-        sys.exit(f"{prog}: error: {err}")

@@ -19,7 +19,6 @@ import inspect
 import os
 import sys
 import warnings
-from contextlib import contextmanager
 
 from . import gc_paused
 
@@ -32,7 +31,7 @@ with gc_paused():  # Lightning's import (torchmetrics, scipy, ...) is most of ou
     from . import slurm
     from .callbacks import ModelSummary, RichModelSummary, SkipMonitor, ZeroShotEvaluation
     from .checkpoint import ModelCheckpoint
-    from .cli import UserError, explain, refuse_nested_configs
+    from .cli import UserError, explain, one_line_errors, refuse_nested_configs
     from .config import to_open_clip
     from .data.datamodule import WebDataModule
     from .export import export_from_trainer
@@ -189,24 +188,14 @@ def resume_notice(trainer, ckpt_path: str | None) -> str | None:
     return f"{PROG}: no checkpoint in {', '.join(dirs) or trainer.default_root_dir}, starting from step 0"
 
 
-@contextmanager
-def _one_line(debug: bool, errors: tuple[type[Exception], ...]):
-    """``errors`` raised inside end the command with one line, ``prog: error: ...`` (``--debug``: the traceback)."""
-    try:
-        yield
-    except errors as err:
-        if debug:
-            raise
-        sys.exit(f"{PROG}: error: {err}")
-
-
 # Lightning's word for a setting that cannot work (an accelerator the machine lacks, a callback that needs a logger)
 _MISCONFIGURED = (MisconfigurationException,)
 
 
 def build(args: list[str] | None = None, debug: bool = False) -> CLI:
     """Parse the config and build trainer, model and data module; bad input exits with one line."""
-    with _one_line(debug, (ValueError, FileNotFoundError, *_MISCONFIGURED)):  # UserError, a bad model name, ...
+    # UserError, a bad model name (open_clip, timm), a shard pattern matching nothing, Lightning's refusals
+    with one_line_errors(PROG, debug, (ValueError, FileNotFoundError, *_MISCONFIGURED)):
         return _build(args)
 
 
@@ -225,11 +214,12 @@ def main(args: list[str] | None = None) -> dict:
             warnings.filterwarnings("ignore", message=message)
         cli = build(args, debug)
         trainer, model, data = cli.trainer, cli.model, cli.datamodule
-        with _one_line(debug, (UserError,)):
+        with one_line_errors(PROG, debug):
             notice = resume_notice(trainer, cli.config.ckpt_path)
         if notice and trainer.is_global_zero:
             print(notice, file=sys.stderr, flush=True)
-        with _one_line(debug, (UserError, *_MISCONFIGURED)):  # the data's errors (too few samples, too many skips)
+        # the data's own errors (too few samples for a batch, too many skipped) and Lightning's refusals at fit
+        with one_line_errors(PROG, debug, (UserError, *_MISCONFIGURED)):
             trainer.fit(model, datamodule=data, ckpt_path=cli.config.ckpt_path)
         metrics = {}
         if cli.config.final_validation and data.val_shards:

@@ -137,7 +137,7 @@ class WebDataModule(pl.LightningDataModule):
         per_rank = total // (self.batch_size * self.world_size)
         if per_rank < 1:
             raise UserError(f"{total} training samples make no full batch of {self.batch_size} on "
-                             f"{self.world_size} rank(s); lower data.batch_size or add data")
+                            f"{self.world_size} rank(s); lower data.batch_size or add data")
         return per_rank
 
     def train_dataloader(self):
