@@ -85,7 +85,17 @@ def one_line_errors(prog: str, debug: bool, errors: tuple[type[BaseException], .
     except errors as err:
         if debug:
             raise
-        sys.exit(f"{prog}: error: {err}")
+        sys.exit(f"{prog}: error: {_own_words(err)}")
+
+
+def _own_words(err: BaseException) -> str:
+    """The error's message; for one a DataLoader worker raised, torch's re-raise in the main process holds
+    "Caught X in DataLoader worker process N." and the worker's traceback, whose last line is the error itself."""
+    text = str(err)
+    if "\nOriginal Traceback" in text:
+        last = text.rstrip().splitlines()[-1]
+        text = last.split(": ", 1)[1] if ": " in last else last
+    return text
 
 
 def run(command: Callable[..., Any] | dict[str, Callable[..., Any]], args: list[str] | None = None,

@@ -1,16 +1,22 @@
 """Pipeline builders: evaluation sets streamed by rank and worker, whole and disjoint; batch layout."""
+import faulthandler
 import json
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from clip_hvt.data.pipeline import eval_loader, normalize_uint8, share, split_normalize, train_loader
+from clip_hvt.cli import UserError
+from clip_hvt.data.pipeline import (MAX_EMPTY_SHARDS_IN_A_ROW, eval_loader, normalize_uint8, share, split_normalize,
+                                     train_loader)
 from clip_hvt.data.sample import SKIP_REASONS
 from clip_hvt.factory import image_transforms
 from tests.conftest import TINY_MODEL_CFG, jpeg, write_tar
+
+TINY_CONFIG = str(Path(__file__).parent / "configs" / "tiny.yaml")
 
 
 def to_tensor(img):
@@ -107,3 +113,52 @@ def test_training_workers_run_worker_nice_steps_below_the_process(tmp_path, work
                           batch_size=2, num_batches=1, num_workers=1, shuffle=1, worker_nice=worker_nice)
     batch = next(iter(loader))
     assert batch["image"].flatten().tolist() == [min(19, os.nice(0) + worker_nice)] * 2
+
+
+@pytest.fixture
+def ends_within_minutes():
+    """Without the guard these tests would wait forever: the process is ended (with a traceback) instead."""
+    faulthandler.dump_traceback_later(300, exit=True)
+    yield
+    faulthandler.cancel_dump_traceback_later()
+
+
+def _first_batch(urls, workers=0, **kwargs):
+    loader = train_loader([urls], to_tensor, lambda texts: torch.zeros(len(texts), 4), batch_size=2, num_batches=1,
+                          num_workers=workers, shuffle=1, **kwargs)
+    return next(iter(loader))
+
+
+def test_training_data_with_no_shard_readable_stops_with_the_reasons_instead_of_waiting_forever(tmp_path,
+                                                                                                ends_within_minutes):
+    # an endless resampled stream of unreadable shards would never fill a batch
+    (tmp_path / "lfs.tar").write_text("version https://git-lfs.github.com/spec/v1\noid sha256:0\nsize 9\n")
+    with pytest.raises(UserError) as err:
+        _first_batch([str(tmp_path / "lfs.tar"), str(tmp_path / "missing.tar")])
+    message = str(err.value)
+    assert message.startswith(f"{MAX_EMPTY_SHARDS_IN_A_ROW} shards in a row held no sample (the last: '")
+    assert f"; skipped so far in this data worker: corrupt_shard {MAX_EMPTY_SHARDS_IN_A_ROW} (e.g. " in message
+    assert "python -m clip_hvt.data.check --paths DIR" in message
+
+
+def test_training_data_with_no_usable_sample_stops_with_the_reasons_instead_of_waiting_forever(tmp_path, monkeypatch,
+                                                                                               ends_within_minutes):
+    monkeypatch.setattr("clip_hvt.data.pipeline.MAX_SKIPS_IN_A_ROW", 30)
+    write_tar(tmp_path / "s.tar", [(f"{i:03d}", {"jpg": jpeg(i), "json": b'{"caption": "x"}'}) for i in range(7)])
+    with pytest.raises(UserError) as err:  # captions under json, the default key is txt
+        _first_batch([str(tmp_path / "s.tar")])
+    assert str(err.value).startswith("30 samples in a row were skipped, none usable; skipped so far in this data "
+                                     f"worker: no_caption 30 (e.g. {tmp_path / 's.tar'}:000)")
+
+
+def test_a_worker_stopping_ends_the_training_command_in_one_line(tmp_path, ends_within_minutes):
+    from clip_hvt import train
+    (tmp_path / "shard.tar").write_bytes(b"not a tar")
+    with pytest.raises(SystemExit) as exc:  # a worker process: torch re-raises its error with the traceback
+        train.main(["--config", TINY_CONFIG, "--data.shapes", "null", "--data.train_shards", str(tmp_path / "shard.tar"),
+                    "--data.train_num_samples", "64", "--data.num_workers", "1",
+                    "--trainer.default_root_dir", str(tmp_path / "run"), "--final_validation", "false"])
+    message = str(exc.value.code)
+    assert message.startswith(f"python -m clip_hvt.train: error: {MAX_EMPTY_SHARDS_IN_A_ROW} shards in a row held "
+                              f"no sample (the last: '{tmp_path / 'shard.tar'}')")
+    assert "\n" not in message and "Traceback" not in message

@@ -18,36 +18,68 @@ import torchvision.transforms as T
 import torchvision.transforms.functional as TF
 import webdataset as wds
 
+from ..cli import UserError
 from .sample import (MAX_IMAGE_PIXELS, TARGET_MEMBERS, SkipCounter, SkipSample, captions, decode_sample, label, npy,
                      read_tar)
 from .shards import WeightedResampledShards
 
+# The training stream is endless (shards are resampled), so data with nothing usable in it would never fill a
+# batch and the run would wait forever: a worker stops after this many shards in a row without one sample
+# (missing files, a mistyped URL, Git LFS pointers) or this many samples in a row without a usable one (a wrong
+# caption key, no image member). Far above what a broken shard or source among good ones gives: 100 picks in a
+# row of a source with half the weight happen with probability 2**-100; an img2dataset shard holds 10,000 samples.
+MAX_EMPTY_SHARDS_IN_A_ROW = 100
+MAX_SKIPS_IN_A_ROW = 50_000
+
+
+def _nothing_usable(what: str, counter: SkipCounter) -> UserError:
+    seen = "; ".join(f"{reason} {entry['count']} (e.g. {entry['examples'][0]})"
+                     for reason, entry in counter.to_dict().items() if entry["examples"])
+    return UserError(f"{what}; skipped so far in this data worker: {seen}. Check the shards with "
+                     "`python -m clip_hvt.data.check --paths DIR` and the data section (patterns, caption_key)")
+
 
 def read_shards(shards: Iterator[dict], counter: SkipCounter, count_shard_errors: bool = True,
-                read: Callable[..., Iterator[dict]] = read_tar) -> Iterator[dict]:
+                read: Callable[..., Iterator[dict]] = read_tar,
+                max_empty_in_a_row: int | None = None) -> Iterator[dict]:
     """Pipeline stage: shard dicts (``url``, optional ``source``) -> raw samples carrying both.
-    ``read``: url -> samples (a tar by default; ``clip_hvt.eval`` reads an image folder's files)."""
+    ``read``: url -> samples (a tar by default; ``clip_hvt.eval`` reads an image folder's files).
+    ``max_empty_in_a_row``: a ``UserError`` after that many shards in a row without a sample (endless streams)."""
+    empty = 0
     for shard in shards:
         extra = {"__source__": shard["source"]} if "source" in shard else {}
+        empty += 1
         try:
-            yield from read(shard["url"], **extra)
+            for sample in read(shard["url"], **extra):
+                empty = 0
+                yield sample
         except SkipSample as skip:
             if count_shard_errors:
                 counter.add(skip.reason, skip.detail)
+        if max_empty_in_a_row is not None and empty >= max_empty_in_a_row:
+            raise _nothing_usable(f"{empty} shards in a row held no sample (the last: '{shard['url']}')", counter)
 
 
 def decode(samples: Iterator[dict], transform: Callable, target: Callable, counter: SkipCounter,
-           max_pixels: int = MAX_IMAGE_PIXELS, min_side: int = 0, seed: int = 0) -> Iterator[tuple]:
-    """Pipeline stage: raw samples -> (transformed image, ``target(sample, rng)``); skips counted."""
+           max_pixels: int = MAX_IMAGE_PIXELS, min_side: int = 0, seed: int = 0,
+           max_skips_in_a_row: int | None = None) -> Iterator[tuple]:
+    """Pipeline stage: raw samples -> (transformed image, ``target(sample, rng)``); skips counted.
+    ``max_skips_in_a_row``: a ``UserError`` after that many skipped samples in a row (endless streams)."""
     info = torch.utils.data.get_worker_info()
     # forked workers hold copies of one rng: seeded per worker so their caption choices differ
     target = partial(target, rng=random.Random(hash((seed, info.id if info else 0))))
+    skips = 0
     for sample in samples:
         try:
             img, value = decode_sample(sample, target, max_pixels, min_side)
-            yield transform(img), value
         except SkipSample as skip:
             counter.add(skip.reason, f"{sample.get('__url__', '?')}:{sample.get('__key__', '?')}")
+            skips += 1
+            if max_skips_in_a_row is not None and skips >= max_skips_in_a_row:
+                raise _nothing_usable(f"{skips} samples in a row were skipped, none usable", counter) from None
+            continue
+        skips = 0
+        yield transform(img), value
 
 
 def random_caption(sample: dict, rng: random.Random, keys: Sequence[str]) -> str:
@@ -106,11 +138,11 @@ def train_loader(sources: list[list[str]], transform: Callable, tokenizer: Calla
     stream_seed = hash((seed, rank, step))
     pipeline = wds.DataPipeline(
         WeightedResampledShards(sources, weights, seed=seed, rank=rank, stream_offset=step),
-        partial(read_shards, counter=counter),
+        partial(read_shards, counter=counter, max_empty_in_a_row=MAX_EMPTY_SHARDS_IN_A_ROW),
         wds.shuffle(shuffle, initial=min(shuffle, 500), seed=stream_seed),  # else seeded from pid and time
         partial(decode, transform=transform, counter=counter, max_pixels=max_pixels, min_side=min_side,
                 target=partial(caption_and_targets if teacher_targets else random_caption, keys=list(caption_keys)),
-                seed=stream_seed),
+                seed=stream_seed, max_skips_in_a_row=MAX_SKIPS_IN_A_ROW),
         wds.batched(batch_size, partial=False, collation_fn=partial(collate, tokenizer=tokenizer, counter=counter,
                                                                     teacher_tokenizer=teacher_tokenizer)),
     ).with_epoch(per_worker)
