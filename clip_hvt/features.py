@@ -28,7 +28,11 @@ from .models.multiscale import MultiScale
 
 def trunk_of(model: torch.nn.Module) -> torch.nn.Module:
     """The timm trunk of an open_clip model (``model.visual.trunk``), or the timm model itself."""
-    trunk = getattr(getattr(model, "visual", None), "trunk", model)
+    visual = getattr(model, "visual", None)
+    if visual is not None and not hasattr(visual, "trunk"):  # its forward_intermediates returns a dict, no maps
+        raise ValueError(f"the image tower is open_clip's own {type(visual).__name__}, not a timm trunk: stage maps "
+                         "come from a tower built by timm name (vision_cfg.timm_model_name)")
+    trunk = visual.trunk if visual is not None else model
     if not hasattr(trunk, "forward_intermediates"):
         raise ValueError(f"{type(trunk).__name__} has no forward_intermediates: not a hierarchical timm trunk")
     return trunk

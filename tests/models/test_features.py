@@ -72,3 +72,10 @@ def test_grid_larger_than_a_stage_map_is_refused_with_its_size(models):
 def test_projection_needs_a_multiscale_model(models):
     with pytest.raises(ValueError, match="project=True needs a multiscale"):
         features.multiscale_tokens(models['cvt_13'], _images((224, 224)))
+
+
+def test_open_clips_own_vit_tower_is_refused_by_name():
+    clip = open_clip.CLIP(embed_dim=32, vision_cfg=dict(image_size=32, layers=1, width=64, patch_size=8, head_width=32),
+                          text_cfg=dict(context_length=16, vocab_size=100, width=32, heads=2, layers=1)).eval()
+    with pytest.raises(ValueError, match="the image tower is open_clip's own VisionTransformer, not a timm trunk"):
+        features.stage_maps(clip, _images((32, 32)))
