@@ -18,11 +18,18 @@ absolute_config() {
     readlink -f "$1"
 }
 config=$(absolute_config "$config")
+# A --ckpt_path given here starts the first attempt only: a requeued one resumes its own checkpoints (below).
+start=last
+absolute_ckpt() {
+    if [ -f "$1" ]; then readlink -f "$1"; else echo "$1"; fi  # or Lightning's name: hpc, best, registry:...
+}
 overrides=()
 while [ $# -gt 0 ]; do
     case $1 in
         --config) overrides+=(--config "$(absolute_config "${2:?--config needs a path}")"); shift 2 ;;
         --config=*) overrides+=(--config "$(absolute_config "${1#--config=}")"); shift ;;
+        --ckpt_path) start=$(absolute_ckpt "${2:?--ckpt_path needs a path}"); shift 2 ;;
+        --ckpt_path=*) start=$(absolute_ckpt "${1#--ckpt_path=}"); shift ;;
         *) overrides+=("$1"); shift ;;
     esac
 done
@@ -49,10 +56,12 @@ fi
 # last.ckpt. Writes are atomic (temp file + rename), so every *.ckpt present is complete.
 resume=$(find "$run_dir" -name '*.ckpt' -type f -printf '%T@ %p\n' | sort -n | tail -n 1 | cut -d' ' -f2-)
 
+ckpt=${resume:-$start}
 echo "=== clip_hvt attempt $((${SLURM_RESTART_COUNT:-0} + 1)) of job $SLURM_JOB_ID on $SLURM_JOB_NODELIST" \
-    "at $(date -Is): run dir $run_dir, resume from ${resume:-scratch}, wandb id $WANDB_RUN_ID"
+    "at $(date -Is): run dir $run_dir, resume from $([ "$ckpt" = last ] && echo scratch || echo "$ckpt")," \
+    "wandb id $WANDB_RUN_ID"
 
 # --kill-on-bad-exit: one rank failing ends every rank at once instead of leaving them in a collective.
 exec srun --kill-on-bad-exit=1 "${PYTHON:-python}" -m clip_hvt.train --config "$config" \
     --trainer.devices "$SLURM_NTASKS_PER_NODE" --trainer.num_nodes "$SLURM_JOB_NUM_NODES" \
-    --ckpt_path "${resume:-last}" "${overrides[@]}"
+    --ckpt_path "$ckpt" "${overrides[@]}"

@@ -79,6 +79,39 @@ def test_check_trainer_reads_resolved_devices(monkeypatch):
         slurm.check_trainer(trainer)
 
 
+def _launch(tmp_path, *args) -> list[str]:
+    """``slurm/launch.sh CONFIG ARGS`` in a faked job step: the arguments it hands srun."""
+    fake = tmp_path / "bin"
+    fake.mkdir(exist_ok=True)
+    for name, body in (("srun", 'printf "%s\\n" "$@" > "$ARGS_OUT"'), ("scontrol", "echo node1")):
+        (fake / name).write_text(f"#!/bin/bash\n{body}\n")
+        (fake / name).chmod(0o755)
+    config = tmp_path / "run.yaml"
+    config.write_text("trainer: {}\n")
+    env = {**os.environ, "PATH": f"{fake}:{os.environ['PATH']}", "ARGS_OUT": str(tmp_path / "args"),
+           "RUN_DIR": str(tmp_path / "run"), "SLURM_JOB_ID": "7", "SLURM_JOB_NAME": "clip",
+           "SLURM_NTASKS_PER_NODE": "2", "SLURM_JOB_NUM_NODES": "1", "SLURM_JOB_NODELIST": "node1",
+           "SLURM_SUBMIT_DIR": str(tmp_path)}
+    subprocess.run(["bash", str(REPO / "slurm" / "launch.sh"), str(config), *args], cwd=tmp_path, env=env,
+                   check=True, capture_output=True)
+    return (tmp_path / "args").read_text().splitlines()
+
+
+def test_a_ckpt_path_given_to_the_job_starts_its_first_attempt_only(tmp_path):
+    def ckpt_paths(args):
+        return [args[i + 1] for i, a in enumerate(args) if a == "--ckpt_path"]
+
+    assert ckpt_paths(_launch(tmp_path, "--trainer.max_steps", "9")) == ["last"]
+    (tmp_path / "init.ckpt").write_bytes(b"")
+    for given in (["--ckpt_path", "init.ckpt"], ["--ckpt_path=init.ckpt"]):  # relative to where sbatch ran
+        args = _launch(tmp_path, *given, "--trainer.max_steps", "9")
+        assert ckpt_paths(args) == [str(tmp_path / "init.ckpt")] and args[-2:] == ["--trainer.max_steps", "9"]
+    (tmp_path / "run" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "run" / "checkpoints" / "last.ckpt").write_bytes(b"")  # a requeued attempt finds its own
+    assert ckpt_paths(_launch(tmp_path, "--ckpt_path", "init.ckpt")) == [str(tmp_path / "run" / "checkpoints" /
+                                                                          "last.ckpt")]
+
+
 def test_requeue_command_names_the_job_or_the_array_task():
     assert slurm.requeue_command({"SLURM_JOB_ID": "7"}) == ["scontrol", "requeue", "7"]
     array = {"SLURM_JOB_ID": "9", "SLURM_ARRAY_JOB_ID": "5", "SLURM_ARRAY_TASK_ID": "2"}
