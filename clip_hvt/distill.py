@@ -1,4 +1,4 @@
-"""Distillation from a frozen open_clip teacher, loaded from local files only.
+"""Distillation from a frozen open_clip teacher, its weights loaded from local files only.
 
 Three signals, each weighted against the contrastive loss:
 
@@ -66,6 +66,19 @@ def _teacher_dir(spec: str) -> Path | None:
     return path if spec.startswith("local-dir:") or path.is_dir() or "/" in spec else None
 
 
+def _tokenizer(teacher: str):
+    """The teacher's tokenizer. A Hugging Face one (SigLIP, ...: ``text_cfg.hf_tokenizer_name``) comes from the
+    Hugging Face cache, fetched once when there is network: a ``UserError`` when it is in neither."""
+    path = _teacher_dir(teacher)
+    try:
+        return open_clip.get_tokenizer(f"local-dir:{path}" if path is not None else teacher)
+    except OSError as err:  # transformers: not cached and no connection (or HF_HUB_OFFLINE)
+        first = (str(err).splitlines() or [""])[0]
+        raise UserError(f"teacher '{teacher}' uses a Hugging Face tokenizer that is not in the local Hugging Face "
+                        f"cache and could not be fetched ({first}); fetch it once with network: python -c \"import "
+                        f"open_clip; open_clip.get_tokenizer('{teacher}')\"") from None
+
+
 class Teacher:
     """A frozen open_clip model kept outside the student's module tree, so it is in no state dict,
     optimizer, EMA copy or DDP bucket; moved to the student's device (and dtype) on first use."""
@@ -84,7 +97,8 @@ class Teacher:
 
     @classmethod
     def load(cls, cfg: Distill) -> "Teacher":
-        """Load ``cfg.teacher`` from local files; a clear ``UserError`` when they are not there."""
+        """Load ``cfg.teacher``'s weights from local files (a Hugging Face tokenizer: from its cache, see
+        ``_tokenizer``); a clear ``UserError`` when they are not there."""
         path = _teacher_dir(cfg.teacher)
         if path is not None:
             config = path / "open_clip_config.json"
@@ -93,8 +107,8 @@ class Teacher:
                                 "(the quickstart writes runs/quickstart/export: python -m clip_hvt.train "
                                 "--config configs/quickstart.yaml) or an open_clip model name with distill.weights")
             model_cfg = json.loads(config.read_text())["model_cfg"]
+            tokenizer = _tokenizer(cfg.teacher)
             model = open_clip.create_model(f"local-dir:{path}")
-            tokenizer = open_clip.get_tokenizer(f"local-dir:{path}")
         else:
             if cfg.teacher not in open_clip.list_models():
                 close = difflib.get_close_matches(cfg.teacher, open_clip.list_models(), n=3)
@@ -105,8 +119,8 @@ class Teacher:
                 raise UserError(f"teacher '{cfg.teacher}' needs its weights as a local file: distill.weights "
                                 f"{cfg.weights!r} does not exist (weights are never downloaded)")
             model_cfg = open_clip.get_model_config(cfg.teacher)
+            tokenizer = _tokenizer(cfg.teacher)  # before the model: the one part that may need the network
             model = open_clip.create_model(cfg.teacher, pretrained=cfg.weights)
-            tokenizer = open_clip.get_tokenizer(cfg.teacher)
         return cls(model, tokenizer, model_cfg, cfg.precision)
 
     @property
@@ -153,8 +167,7 @@ def teacher_tokenizer(cfg: Distill | None, student_model_cfg: dict):
     tokenizer differs from the student's), else None."""
     if cfg is None or cfg.stored_targets:
         return None
-    path = _teacher_dir(cfg.teacher)
-    tokenizer = open_clip.get_tokenizer(f"local-dir:{path}" if path is not None else cfg.teacher)
+    tokenizer = _tokenizer(cfg.teacher)
     return None if same_tokenizer(tokenizer, factory.create_tokenizer(student_model_cfg)) else tokenizer
 
 

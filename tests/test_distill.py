@@ -127,7 +127,7 @@ def test_projection_bridges_a_narrower_student_and_is_trained(random_teacher, sh
     assert id(module.distill_proj.weight) in optimized
 
 
-def test_bad_teacher_input_is_one_clear_line(random_teacher, tmp_path):
+def test_bad_teacher_input_is_one_clear_line(random_teacher, tmp_path, monkeypatch):
     cases = [
         (Distill(teacher=str(tmp_path / "nowhere")), "teacher '.*nowhere' not found: no .*open_clip_config.json"),
         (Distill(teacher="ViT-B-33"), "teacher 'ViT-B-33' not found: neither a directory nor an open_clip model name"),
@@ -136,6 +136,14 @@ def test_bad_teacher_input_is_one_clear_line(random_teacher, tmp_path):
     for distill, message in cases:
         with pytest.raises(UserError, match=message):
             CLIPModule(STUDENT_CFG, distill=distill)
+    weights = tmp_path / "siglip.bin"
+    weights.write_bytes(b"")
+    with monkeypatch.context() as offline:  # a Hugging Face tokenizer in no cache, and no network (read at import)
+        offline.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
+        offline.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "hf"))
+        with pytest.raises(UserError, match="teacher 'ViT-B-16-SigLIP' uses a Hugging Face tokenizer that is not in "
+                                            "the local Hugging Face cache and could not be fetched"):
+            CLIPModule(STUDENT_CFG, distill=Distill(teacher="ViT-B-16-SigLIP", weights=str(weights)))
     with pytest.raises(UserError, match="the teacher's embedding width 32 differs from the student's 16: set "
                                         "model.distill.project true"):
         CLIPModule(NARROW_CFG, distill=Distill(teacher=str(random_teacher), embed_weight=1.0))
