@@ -1,6 +1,9 @@
 """The shard checker reports what the training reader will skip, under the same names and counts."""
+import faulthandler
 import json
+import os
 import pickle
+import signal
 import subprocess
 import sys
 from collections import Counter
@@ -205,3 +208,22 @@ def test_console_module_exit_status(tmp_path):
                             capture_output=True, text=True, cwd=REPO)
     assert result.returncode == 1, result.stderr
     assert "empty_caption: 1" in result.stdout
+
+
+def _killed_on_the_second_shard(url, **kwargs):
+    if str(url).endswith("s1.tar"):  # the worker dies as the out-of-memory killer would end it
+        os.kill(os.getpid(), signal.SIGKILL)
+    return check_shard(url, **kwargs)
+
+
+def test_a_worker_killed_mid_check_ends_in_one_line_not_a_wait(tmp_path, monkeypatch):
+    for s in range(3):
+        write_tar(tmp_path / f"s{s}.tar", [(f"{s}{i:03d}", good(i)) for i in range(2)])
+    monkeypatch.setattr(check, "check_shard", _killed_on_the_second_shard)  # the forked workers inherit it
+    faulthandler.dump_traceback_later(300, exit=True)  # the bug this guards: a pool waiting forever
+    try:
+        code = run_check("--paths", tmp_path, "--workers", "2")
+    finally:
+        faulthandler.cancel_dump_traceback_later()
+    assert code == ("python -m clip_hvt.data.check: error: a worker process died before finishing its task (killed: "
+                    "out of memory? large images are decoded at full size); run again with fewer --workers")

@@ -1,9 +1,12 @@
 """Converters to WebDataset shards: python -m clip_hvt.data.convert {table,folder,coco}."""
 import csv
+import faulthandler
 import io
 import json
 import operator
+import os
 import random
+import signal
 import subprocess
 import sys
 import tarfile
@@ -15,6 +18,7 @@ import pytest
 from PIL import Image
 
 import clip_hvt.data.convert as convert
+_write_chunk = convert._write_chunk  # before any test patches it
 from clip_hvt.data.convert import SourceSample, WriteOptions, read_table, resized_size, write_shards
 from conftest import assert_plain_members
 
@@ -210,12 +214,35 @@ def test_existing_output_is_refused_without_overwrite(tmp_path):
     write_shards(read_table(table), out, WriteOptions(resize=0, maxcount=2))
     assert len(list(out.glob('*.tar'))) == 3
     (out / 'notes.md').write_text('kept')
-    with pytest.raises(FileExistsError, match='already holds shards.*--overwrite'):
+    with pytest.raises(FileExistsError, match='already holds shards.*; pass --write.overwrite true to replace'):
         write_shards(read_table(table), out, WriteOptions(resize=0))
     write_shards(read_table(table), out, WriteOptions(resize=0, maxcount=10, overwrite=True))
     assert sorted(p.name for p in out.glob('*.tar')) == ['shard-000000.tar']
     assert len(read_shard_dir(out)) == 5
     assert (out / 'notes.md').read_text() == 'kept'
+
+
+def test_an_overwrite_that_fails_half_way_leaves_the_old_set_as_it_was(tmp_path, monkeypatch):
+    rows = captioned_images(tmp_path, 8)
+    table = tmp_path / 't.csv'
+    write_table(table, rows)
+    out = tmp_path / 'out'
+    write_shards(read_table(table), out, WriteOptions(resize=0, maxcount=3))
+    before = {p.relative_to(out): p.read_bytes() for p in out.rglob('*') if p.is_file()}
+    assert sorted(map(str, before)) == ['shard-000000.tar', 'shard-000001.tar', 'shard-000002.tar', 'sizes.json',
+                                        'stats.json']
+    table.write_text(table.read_text() + 'img/x.png,"unterminated caption\n')
+    monkeypatch.setattr(convert, 'TABLE_CHUNK_ROWS', 3)  # the bad row comes after new shards were written
+    with pytest.raises(pd.errors.ParserError):
+        write_shards(read_table(table), out, WriteOptions(resize=0, maxcount=2, val_fraction=0.3, overwrite=True))
+    assert {p.relative_to(out): p.read_bytes() for p in out.rglob('*') if p.is_file()} == before
+    assert not list(out.rglob('.partial-*'))
+    write_table(table, rows[:5])  # a complete overwrite with fewer shards: none of the old set is left
+    write_shards(read_table(table), out, WriteOptions(resize=0, maxcount=2, val_fraction=0.3, overwrite=True))
+    assert not list(out.glob('shard-*.tar'))
+    sizes = {split: json.loads((out / split / 'sizes.json').read_text()) for split in ('train', 'val')}
+    assert sum(n for s in sizes.values() for n in s.values()) == 5
+    assert sorted(p.name for p in out.rglob('*.tar')) == sorted(n for s in sizes.values() for n in s)
 
 
 def test_folder_round_trip_with_sidecar_captions(tmp_path):
@@ -402,3 +429,26 @@ def test_malformed_row_mid_stream_leaves_no_partial_shards(tmp_path, monkeypatch
     assert not [p for p in out.rglob('*') if p.is_file() or p.name.startswith('.partial')]
     write_table(table, rows)  # fixed: no --overwrite needed
     assert write_shards(read_table(table), out, WriteOptions(resize=0, maxcount=2))['written'] == 8
+
+
+def _killed_on_chunk_1(task):
+    if task[0] == 1:  # the worker dies as the out-of-memory killer would end it
+        os.kill(os.getpid(), signal.SIGKILL)
+    return _write_chunk(task)
+
+
+def test_a_worker_killed_mid_conversion_ends_in_one_line_not_a_wait(tmp_path, monkeypatch):
+    faulthandler.dump_traceback_later(300, exit=True)  # the bug this guards: a pool waiting forever
+    try:
+        rows = captioned_images(tmp_path, 8)
+        table = tmp_path / 't.csv'
+        write_table(table, rows)
+        monkeypatch.setattr(convert, '_write_chunk', _killed_on_chunk_1)  # the forked workers inherit it
+        message = run_convert('table', '--path', table, '--output', tmp_path / 'out', '--write.maxcount', 2,
+                              '--write.workers', 2, '--write.resize', 0)
+    finally:
+        faulthandler.cancel_dump_traceback_later()
+    assert message == ('python -m clip_hvt.data.convert table: error: a worker process died before finishing its '
+                       'task (killed: out of memory? large images are decoded at full size); run again with fewer '
+                       '--write.workers')
+    assert not [p for p in (tmp_path / 'out').rglob('*') if p.is_file() or p.name.startswith('.partial')]

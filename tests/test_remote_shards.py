@@ -115,11 +115,23 @@ def test_http_counts_fall_back_to_img2dataset_stats_and_a_missing_count_names_wh
     (tmp_path / "s-0_stats.json").write_text(json.dumps({"count": 7, "successes": 5}))
     server = serve(tmp_path)
     assert count_samples(expand_sources(f"{server.url}/s-0.tar")) == 5
-    with pytest.raises(ValueError) as err:
+    with pytest.raises(UserError) as err:
         count_samples(expand_sources(f"{server.url}/s-{{0..1}}.tar"))
     message = str(err.value)
     assert f"{server.url}/s-1_stats.json" in message and "exited with status 22" in message  # curl -f: HTTP 404
     assert "--data.train_num_samples N" in message
+
+
+def test_http_sizes_json_that_is_not_json_is_named_in_the_error(tmp_path, serve):
+    write_shards(tmp_path, [5], sizes_json=False)
+    (tmp_path / "sizes.json").write_text("<html>Service Unavailable</html>")  # a proxy's answer
+    server = serve(tmp_path)
+    with pytest.raises(UserError) as err:
+        count_samples(expand_sources(f"{server.url}/s-0.tar"))
+    assert str(err.value).startswith(
+        f"no sample count for shards like '{server.url}/s-0.tar': no count in {server.url}/sizes.json (not valid "
+        f"JSON (line 1 col 1: Expecting value)) and no img2dataset stats ({server.url}/s-0_stats.json: "
+        f"ShardReadError: command `curl {server.url}/s-0_stats.json` exited with status 22). Run ")
 
 
 def test_connection_dropped_mid_shard_is_one_corrupt_shard_like_the_same_cut_read_locally(tmp_path, serve, caplog):

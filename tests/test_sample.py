@@ -1,4 +1,5 @@
 """The sample's rules: every fault becomes a counted skip by its reason; nothing is ever unpickled."""
+import io
 import json
 import pickle
 import random
@@ -10,7 +11,7 @@ import pytest
 import torch
 
 from clip_hvt.data.pipeline import collate, decode, random_caption, read_shards
-from clip_hvt.data.sample import MAX_IMAGE_PIXELS, SKIP_REASONS, SkipCounter
+from clip_hvt.data.sample import MAX_IMAGE_PIXELS, SKIP_REASONS, SkipCounter, SkipSample, npy
 from tests.conftest import jpeg as _jpeg
 from tests.conftest import write_tar
 
@@ -195,3 +196,45 @@ def test_duplicate_member_skips_its_sample_and_meta_members_anywhere_are_ignored
 
 def test_every_skip_reason_has_a_one_line_meaning():
     assert all(meaning and "\n" not in meaning for meaning in SKIP_REASONS.values())
+
+
+def saved(save, *args, **kw) -> bytes:
+    buffer = io.BytesIO()
+    save(buffer, *args, **kw)
+    return buffer.getvalue()
+
+
+GOOD_NPY = saved(np.save, np.arange(6, dtype=np.float32).reshape(2, 3))
+
+
+@pytest.mark.parametrize("data,reason,detail", [
+    (b"", "no_teacher_target", "EOF: reading magic string"),
+    (b"PK\x03\x04" + b"\0" * 40, "no_teacher_target", "magic string is not correct"),  # a zip
+    (saved(np.savez, a=np.ones(3, np.float32)), "no_teacher_target", "magic string is not correct"),
+    (b"<html>not found</html>", "no_teacher_target", "magic string is not correct"),
+    (pickle.dumps(np.ones(3, np.float32)), "no_teacher_target", "magic string is not correct"),
+    (saved(np.save, np.array([{"a": 1}], dtype=object), allow_pickle=True), "npy_needs_pickle", ""),
+    (saved(np.save, np.zeros(0, np.float32)), "no_teacher_target", "float32 array of shape (0,), not non-empty"),
+    (saved(np.save, np.array(["a", "b"])), "no_teacher_target", "<U1 array of shape (2,), not non-empty"),
+    (GOOD_NPY[:-4], "no_teacher_target", "20 bytes of data for a float32 array of shape (2, 3)"),
+], ids=["empty", "zip", "npz", "html", "pickle", "object_array", "empty_array", "strings", "truncated"])
+def test_npy_member_that_is_not_a_numeric_array_is_a_skip_by_its_reason(data, reason, detail):
+    with pytest.raises(SkipSample) as skip:
+        npy({"t.npy": data}, "t.npy")
+    assert skip.value.reason == reason and detail in skip.value.detail
+
+
+def test_npy_object_array_is_refused_from_its_header_and_never_unpickled(tmp_path):
+    probe = tmp_path / "unpickled"
+    data = saved(np.save, np.array([_TouchOnLoad(probe)], dtype=object), allow_pickle=True)
+    with pytest.raises(SkipSample) as skip:
+        npy({"t.npy": data}, "t.npy")
+    assert (skip.value.reason, skip.value.detail) == ("npy_needs_pickle", "t.npy") and not probe.exists()
+
+
+def test_npy_reads_a_numeric_array_and_a_missing_member_is_a_skip():
+    array = npy({"t.npy": GOOD_NPY}, "t.npy")
+    assert type(array) is np.ndarray and array.dtype == np.float32
+    np.testing.assert_array_equal(array, np.arange(6, dtype=np.float32).reshape(2, 3))
+    with pytest.raises(SkipSample, match="no_teacher_target: no t.npy member"):
+        npy({}, "t.npy")

@@ -1,10 +1,14 @@
 """Shard lists: spec expansion, sample counts, weighted resampling."""
 import json
+import logging
 from collections import Counter
 
 import pytest
 
+from clip_hvt.cli import UserError
+from clip_hvt.data.check import check
 from clip_hvt.data.shards import WeightedResampledShards, count_samples, expand_sources
+from tests.conftest import jpeg, write_tar
 
 
 def touch_shards(directory, names):
@@ -66,11 +70,71 @@ def test_counts_sum_over_sources(tmp_path):
 def test_missing_count_is_a_clear_error(tmp_path):
     urls = touch_shards(tmp_path, ["s-0.tar", "s-1.tar"])
     (tmp_path / "sizes.json").write_text(json.dumps({"s-0.tar": 10}))  # s-1 not listed
-    with pytest.raises(ValueError, match=r"no sample count .*python -m clip_hvt.data.check") as err:
+    with pytest.raises(UserError, match=r"no sample count .*python -m clip_hvt.data.check") as err:
         count_samples([urls])
     message = str(err.value)
+    assert message.startswith(f"no sample count for shards like '{urls[0]}': not in sizes.json and no img2dataset "
+                              f"stats ({tmp_path}/s-1_stats.json: no such file). Run `python -m clip_hvt.data.check")
     assert "--data.train_num_samples N" in message and "Validation shards need no count" in message
     assert "val_num_samples" not in message  # no such option
+
+
+@pytest.mark.parametrize("text,why", [
+    (b'{"s-0.tar": ', "not valid JSON (line 1 col 13: Expecting value)"),  # a write cut short
+    (b'{"s-0.tar": "\xe9"}', "not valid JSON ('utf-8' codec can't decode byte 0xe9 in position 13"),
+    (b'[["s-0.tar", 4]]', "not a JSON object but a list"),
+    (b'{"s-0.tar": null}', "'s-0.tar' is null"),
+    (b'{"s-0.tar": [4]}', "'s-0.tar' is [4]"),
+    (b'{"s-0.tar": -4}', "'s-0.tar' is -4"),
+], ids=["truncated", "not_utf8", "list", "null", "list_value", "negative"])
+def test_malformed_sizes_json_is_a_one_line_error_naming_the_file(tmp_path, text, why):
+    urls = touch_shards(tmp_path, ["s-0.tar"])
+    (tmp_path / "sizes.json").write_bytes(text)
+    with pytest.raises(UserError) as err:
+        count_samples([urls])
+    assert str(err.value).startswith(f"no sample count for shards like '{urls[0]}': no count in "
+                                     f"{tmp_path}/sizes.json ({why}")
+    assert f"and no img2dataset stats ({tmp_path}/s-0_stats.json: no such file). Run `python -m " \
+           "clip_hvt.data.check --paths DIR --write_sizes true`" in str(err.value)
+
+
+def test_malformed_sizes_json_is_logged_when_stats_files_give_the_counts(tmp_path, caplog):
+    urls = touch_shards(tmp_path, ["00000.tar"])
+    (tmp_path / "sizes.json").write_text('{"00000.tar": 3,}')
+    (tmp_path / "00000_stats.json").write_text(json.dumps({"count": 5, "successes": 4}))
+    with caplog.at_level(logging.WARNING):
+        assert count_samples([urls]) == 4
+    assert f"no counts from {tmp_path}/sizes.json (not valid JSON (line 1 col 17: Expecting property name" \
+           in caplog.text
+
+
+@pytest.mark.parametrize("text,why", [
+    (b'{"count": 5, "succ', "not valid JSON (line 1 col 14: Unterminated string"),
+    (b'{"count": 5}', "no 'successes' in it"),
+    (b'{"count": 5, "successes": null}', "'successes' is null, not a sample count"),
+    (b'{"count": 5, "successes": "five"}', "'successes' is \"five\", not a sample count"),
+    (b"5", "not a JSON object but a int"),
+], ids=["truncated", "no_successes", "null", "text", "number"])
+def test_malformed_img2dataset_stats_is_a_one_line_error_naming_the_file(tmp_path, text, why):
+    urls = touch_shards(tmp_path, ["00000.tar"])
+    (tmp_path / "00000_stats.json").write_bytes(text)
+    with pytest.raises(UserError) as err:
+        count_samples([urls])
+    assert str(err.value).startswith(f"no sample count for shards like '{urls[0]}': not in sizes.json and no "
+                                     f"img2dataset stats ({tmp_path}/00000_stats.json: {why}")
+
+
+def test_check_reports_and_rewrites_bad_counts(tmp_path, capsys):
+    for i in range(2):
+        write_tar(tmp_path / f"0000{i}.tar", [(f"{i}{j}", {"jpg": jpeg(j), "txt": b"a caption"}) for j in range(3)])
+    (tmp_path / "sizes.json").write_text(json.dumps({"00000.tar": None}))
+    (tmp_path / "00001_stats.json").write_text('{"count": 3, "succ')
+    assert check(str(tmp_path)) == 1
+    assert (f"sizes_missing: 2\n  {tmp_path}/sizes.json: 00000.tar (run with --write_sizes true)\n"
+            f"  {tmp_path}/sizes.json: 00001.tar (run with --write_sizes true)\n") in capsys.readouterr().out
+    assert check(str(tmp_path), write_sizes=True) == 0
+    assert json.loads((tmp_path / "sizes.json").read_text()) == {"00000.tar": 3, "00001.tar": 3}
+    assert count_samples(expand_sources(str(tmp_path / "0000{0..1}.tar"))) == 6
 
 
 def _draws(shards, n):
@@ -107,7 +171,7 @@ def test_resampling_differs_by_rank_and_stream_offset_and_repeats_for_equal_seed
 @pytest.mark.parametrize("weights,match", [([1.0], "1 source weights given for 2 sources"),
                                            ([1.0, -1.0], "non-negative"), ([0.0, 0.0], "positive sum")])
 def test_bad_weights_are_rejected(weights, match):
-    with pytest.raises(ValueError, match=match):
+    with pytest.raises(UserError, match=match):
         WeightedResampledShards([["a"], ["b"]], weights=weights)
 
 

@@ -3,6 +3,8 @@ returns them with the batch (same loss as the live teacher), and missing or pick
 counted skips with their reason."""
 import io
 import json
+import os
+import shutil
 import tarfile
 
 import numpy as np
@@ -11,6 +13,7 @@ import torch
 
 from clip_hvt.data.pipeline import train_loader
 from clip_hvt.data.sample import SKIP_REASONS
+from clip_hvt.data import teacher_features as writer
 from clip_hvt.data.teacher_features import main as teacher_features
 from clip_hvt.distill import Distill
 from clip_hvt.export import export_model
@@ -111,3 +114,80 @@ def test_writer_with_a_missing_teacher_is_one_line(stored, tmp_path):
                           "--teacher", str(tmp_path / "none")])
     assert str(exc.value.code).startswith("python -m clip_hvt.data.teacher_features: error: teacher ")
     assert "not found" in str(exc.value.code)
+
+
+PROG = "python -m clip_hvt.data.teacher_features: error: "
+
+
+def run_writer(stored, shards, out, *more):
+    return teacher_features(["--shards", shards, "--out", str(out), "--teacher", str(stored / "teacher"),
+                             "--batch_size", "5", *more])
+
+
+def test_two_inputs_of_one_name_are_refused_before_anything_is_written(stored, tmp_path):
+    stored, _ = stored
+    for source in ("a", "b"):  # img2dataset names every set's shards 00000.tar, ...
+        (tmp_path / source).mkdir()
+        shutil.copy(stored / "in" / "part-000000.tar", tmp_path / source / "00000.tar")
+    with pytest.raises(SystemExit) as exc:
+        run_writer(stored, f"{tmp_path}/a/00000.tar :: {tmp_path}/b/00000.tar", tmp_path / "out")
+    assert exc.value.code == (f"{PROG}shards '{tmp_path}/a/00000.tar' and '{tmp_path}/b/00000.tar' would both be "
+                              f"written as {tmp_path}/out/00000.tar: run once per source, each into its own --out "
+                              "directory")
+    assert not (tmp_path / "out").exists()
+
+
+def test_pipe_command_output_is_named_after_the_shard_it_streams(stored, tmp_path):
+    stored, _ = stored
+    summary = run_writer(stored, f"pipe:cat {stored}/in/part-000000.tar | cat", tmp_path / "out")
+    assert summary == {"written": SAMPLES, "skipped": {"undecodable_image": 1}}
+    assert sorted(os.listdir(tmp_path / "out")) == ["part-000000.tar", "sizes.json"]
+    assert (tmp_path / "out" / "part-000000.tar").read_bytes() == (stored / "out" / "part-000000.tar").read_bytes()
+    assert json.loads((tmp_path / "out" / "sizes.json").read_text()) == {"part-000000.tar": SAMPLES}
+
+
+def test_stopped_run_leaves_only_complete_listed_shards_and_keeps_other_counts(stored, tmp_path, monkeypatch):
+    stored, _ = stored
+    (tmp_path / "in").mkdir()
+    for i in range(2):
+        shutil.copy(stored / "in" / "part-000000.tar", tmp_path / "in" / f"part-00000{i}.tar")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "other.tar").write_bytes(b"another set's shard")
+    (out / "part-000001.tar").write_bytes(b"written by an earlier run")
+    (out / "sizes.json").write_text(json.dumps({"other.tar": 7, "part-000001.tar": 99}))
+    embed, calls = writer._embed, []
+
+    def out_of_memory(*args):  # 12 samples in batches of 5: shard 0 takes 3 calls, shard 1 stops in its second
+        calls.append(1)
+        if len(calls) == 5:
+            raise RuntimeError("CUDA out of memory")
+        return embed(*args)
+
+    monkeypatch.setattr(writer, "_embed", out_of_memory)
+    with pytest.raises(RuntimeError, match="CUDA out of memory"):
+        run_writer(stored, f"{tmp_path}/in/part-00000{{0..1}}.tar", out)
+    assert sorted(os.listdir(out)) == ["other.tar", "part-000000.tar", "part-000001.tar", "sizes.json"]
+    assert (out / "part-000000.tar").read_bytes() == (stored / "out" / "part-000000.tar").read_bytes()
+    assert (out / "part-000001.tar").read_bytes() == b"written by an earlier run"  # not replaced by a partial one
+    assert json.loads((out / "sizes.json").read_text()) == {"other.tar": 7, "part-000000.tar": SAMPLES,
+                                                            "part-000001.tar": 99}
+    monkeypatch.setattr(writer, "_embed", embed)
+    run_writer(stored, f"{tmp_path}/in/part-00000{{0..1}}.tar", out)  # the rerun completes it
+    assert sorted(os.listdir(out)) == ["other.tar", "part-000000.tar", "part-000001.tar", "sizes.json"]
+    assert (out / "part-000001.tar").read_bytes() == (stored / "out" / "part-000000.tar").read_bytes()
+    assert json.loads((out / "sizes.json").read_text()) == {"other.tar": 7, "part-000000.tar": SAMPLES,
+                                                            "part-000001.tar": SAMPLES}
+
+
+def test_unreadable_sizes_json_in_out_is_one_line_and_nothing_is_written(stored, tmp_path):
+    stored, _ = stored
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "sizes.json").write_text('{"other.tar": 7,')
+    with pytest.raises(SystemExit) as exc:
+        run_writer(stored, str(stored / "in" / "part-000000.tar"), tmp_path / "out")
+    assert exc.value.code == (f"{PROG}{tmp_path}/out/sizes.json: not valid JSON (line 1 col 17: Expecting property "
+                              "name enclosed in double quotes); it lists the shards already in --out: repair it "
+                              f"(python -m clip_hvt.data.check --paths {tmp_path}/out --write_sizes true) or give a "
+                              "new --out")
+    assert os.listdir(tmp_path / "out") == ["sizes.json"]

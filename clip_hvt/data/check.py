@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import itertools
 import json
-import multiprocessing
 import sys
 from collections import defaultdict
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict, dataclass, field
 from functools import partial
 from operator import attrgetter
@@ -21,7 +22,7 @@ from typing import Sequence
 from tqdm import tqdm
 
 from ..cli import UserError, run
-from .sample import MAX_IMAGE_PIXELS, SkipSample, captions, decode_sample, label, read_tar
+from .sample import MAX_IMAGE_PIXELS, WORKER_DIED, SkipSample, captions, decode_sample, label, read_tar
 from .shards import SIZES_FILE, shard_sizes
 
 FINDINGS = {
@@ -171,9 +172,14 @@ def check(paths: str | list[str], workers: int = 1, caption_key: str = "txt", ma
     check_one = partial(check_shard, caption_key=caption_key, max_pixels=max_image_pixels)
     if workers == 1 or len(tars) == 1:
         found = [check_one(t) for t in tqdm(tars, unit="shard", desc="checking shards")]
-    else:  # the pool forks before tqdm starts its monitor thread: forking a threaded process can deadlock
-        with multiprocessing.Pool(min(workers, len(tars))) as pool:
-            found = list(tqdm(pool.imap(check_one, tars), total=len(tars), unit="shard", desc="checking shards"))
+    else:  # concurrent.futures: a worker killed (for memory) breaks the executor, where a Pool would wait forever
+        try:
+            with ProcessPoolExecutor(min(workers, len(tars))) as pool:
+                # map submits every task, starting the workers, before tqdm starts its monitor thread: forking a
+                # threaded process can deadlock
+                found = list(tqdm(pool.map(check_one, tars), total=len(tars), unit="shard", desc="checking shards"))
+        except BrokenProcessPool:
+            raise UserError(WORKER_DIED.format(option="--workers")) from None
     reports = dict(zip(tars, found))
     problems = [p for r in reports.values() for p in r.problems]
     for directory, group in groups.items():

@@ -21,6 +21,8 @@ import os
 import shutil
 import sys
 from collections import Counter, defaultdict, deque
+from concurrent.futures import ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
 from contextlib import closing
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -33,7 +35,7 @@ from PIL import ExifTags, Image, ImageOps
 from tqdm import tqdm
 
 from ..cli import UserError, run
-from .sample import MAX_IMAGE_PIXELS, TAR_MTIME, SkipCounter, SkipSample, nonempty, open_image
+from .sample import MAX_IMAGE_PIXELS, TAR_MTIME, WORKER_DIED, SkipCounter, SkipSample, nonempty, open_image
 from .shards import SIZES_FILE
 
 __all__ = [
@@ -324,18 +326,19 @@ def split_of(split_id: str, val_fraction: float) -> str:
     return 'val' if int.from_bytes(digest[:8], 'big') < val_fraction * 2 ** 64 else 'train'
 
 
-def _prepare_output(output: Path, overwrite: bool):
+def _prepare_output(output: Path, overwrite: bool) -> list[Path]:
+    """The shards and count files already in ``output`` (refused unless ``overwrite``). They are replaced only once
+    the new set is complete (``write_shards``): a conversion that fails half-way leaves the old set as it was."""
     existing = sorted(p for d in (output, output / 'train', output / 'val') if d.is_dir() for p in d.iterdir()
                       if p.suffix == '.tar' or p.name in (SIZES_FILE, STATS_FILE) or p.name.startswith('.partial-'))
     if existing and not overwrite:
         shown = ', '.join(str(p) for p in existing[:3]) + (' ...' if len(existing) > 3 else '')
-        raise FileExistsError(f'{output} already holds shards ({shown}); pass --overwrite to replace them')
+        raise FileExistsError(f'{output} already holds shards ({shown}); pass --write.overwrite true to replace them')
     for p in existing:
-        if p.is_dir():
+        if p.name.startswith('.partial-') and p.is_dir():  # an interrupted conversion's unfinished shards
             shutil.rmtree(p)
-        else:
-            p.unlink()
     output.mkdir(parents=True, exist_ok=True)
+    return [p for p in existing if not p.name.startswith('.partial-')]
 
 
 def _chunk_tasks(samples: Iterable, tmpdirs: dict, opts: WriteOptions) -> Iterator[tuple]:
@@ -359,36 +362,41 @@ def _run_chunks(tasks: Iterable, total: Optional[int], workers: int) -> Iterator
     lazily: the pool gets at most TASKS_AHEAD_PER_WORKER tasks per worker ahead of the result
     waited for (Pool.imap would drain the whole iterator into its queue)."""
     global _tick
-    tasks = iter(tasks)
+    rest = iter(tasks)
     # a look at the first tasks: fewer than two need no pool, fewer than `workers` fewer processes
-    head = list(itertools.islice(tasks, workers)) if workers > 1 else []
-    tasks = itertools.chain(head, tasks)
+    head = list(itertools.islice(rest, workers)) if workers > 1 else []
     if len(head) <= 1:
         with tqdm(total=total, unit='img', desc='writing shards') as bar:
             _tick = bar.update
             try:
-                yield from map(_write_chunk, tasks)
+                yield from map(_write_chunk, itertools.chain(head, rest))
             finally:
                 _tick = lambda: None
         return
     counter = multiprocessing.Value('q', 0)
-    # the pool forks before tqdm starts its monitor thread: forking a threaded process can deadlock
-    with multiprocessing.Pool(len(head), initializer=_init_worker, initargs=(counter,)) as pool, \
-            tqdm(total=total, unit='img', desc='writing shards') as bar:
-        def result_of(pending):
-            while not pending.ready():
-                pending.wait(0.5)
+    # concurrent.futures, not multiprocessing.Pool: a worker killed (for memory) breaks the executor, where a Pool
+    # replaces it and waits forever for the task it held
+    with ProcessPoolExecutor(len(head), initializer=_init_worker, initargs=(counter,)) as pool:
+        # the first submits start the workers before tqdm starts its monitor thread: forking a threaded process can
+        # deadlock
+        in_flight = deque(pool.submit(_write_chunk, task) for task in head)
+        with tqdm(total=total, unit='img', desc='writing shards') as bar:
+            def result_of(pending):
+                while not pending.done():
+                    wait([pending], timeout=0.5)
+                    bar.update(counter.value - bar.n)
                 bar.update(counter.value - bar.n)
-            bar.update(counter.value - bar.n)
-            return pending.get()
+                try:
+                    return pending.result()
+                except BrokenProcessPool:
+                    raise UserError(WORKER_DIED.format(option='--write.workers')) from None
 
-        in_flight = deque()
-        for task in tasks:
-            in_flight.append(pool.apply_async(_write_chunk, (task,)))
-            if len(in_flight) > TASKS_AHEAD_PER_WORKER * len(head):
+            for task in rest:
+                in_flight.append(pool.submit(_write_chunk, task))
+                if len(in_flight) > TASKS_AHEAD_PER_WORKER * len(head):
+                    yield result_of(in_flight.popleft())
+            while in_flight:
                 yield result_of(in_flight.popleft())
-        while in_flight:
-            yield result_of(in_flight.popleft())
 
 
 def write_shards(samples: Iterable, output, opts: WriteOptions = WriteOptions(),
@@ -398,7 +406,7 @@ def write_shards(samples: Iterable, output, opts: WriteOptions = WriteOptions(),
     `operator.length_hint` (none for a plain iterator)."""
     opts.validate()
     output = Path(output)
-    _prepare_output(output, opts.overwrite)
+    old = _prepare_output(output, opts.overwrite)
     split_dirs = {'shard': output} if opts.val_fraction == 0 else {n: output / n for n in ('train', 'val')}
     tmpdirs = {name: output / f'.partial-{name}' for name in split_dirs}
     for directory in [*split_dirs.values(), *tmpdirs.values()]:
@@ -419,17 +427,26 @@ def write_shards(samples: Iterable, output, opts: WriteOptions = WriteOptions(),
         for tmpdir in tmpdirs.values():
             shutil.rmtree(tmpdir, ignore_errors=True)
         raise
-    log, splits = SkipCounter(log_first=None), {}
+    # The new set is complete: the old counts go first (no sizes.json may describe other shards), then the new shards
+    # take their names and the old shards left over are removed.
+    for p in old:
+        if p.suffix != '.tar':
+            p.unlink()
+    log, splits, written = SkipCounter(log_first=None), {}, set()
     for name, directory in split_dirs.items():
         sizes = {}
         for tmp_name, count in shards[name]:
             final = f'{name}-{len(sizes):06d}.tar'
             os.replace(tmp_name, directory / final)
             sizes[final] = count
+            written.add(directory / final)
         tmpdirs[name].rmdir()
         (directory / SIZES_FILE).write_text(json.dumps(sizes, indent=1))
         splits[name] = {'directory': str(directory), 'samples': sum(sizes.values()), 'shards': len(sizes)}
         log.merge(logs[name].to_dict())
+    for p in old:
+        if p.suffix == '.tar' and p not in written:
+            p.unlink()
     stats = {'source': source, 'written': sum(s['samples'] for s in splits.values()),
              'skipped': sum(log.total.values()), 'skip_reasons': log.to_dict(), 'splits': splits,
              'source_problems': source_problems.to_dict() if source_problems else {}, 'options': asdict(opts)}

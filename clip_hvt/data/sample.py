@@ -48,6 +48,9 @@ MAX_IMAGE_PIXELS = 64_000_000  # images with more pixels are skipped; 8k x 8k, f
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
 PICKLE_SUFFIXES = ("pyd", "pickle", "pkl", "pth", "pt")
 MAX_EXAMPLES = 5  # examples kept per skip reason
+# the data commands' word for a worker process that died mid-task (a process pool then cannot finish)
+WORKER_DIED = ("a worker process died before finishing its task (killed: out of memory? large images are decoded at "
+               "full size); run again with fewer {option}")
 TARGET_MEMBERS = ("teacher_image.npy", "teacher_text.npy")  # stored teacher targets: image [D], captions [n, D]
 # The mtime every writer stamps on members: fixed, so the same input gives the same bytes, and an integer,
 # so each member keeps a plain 512-byte ustar header (a float, webdataset's default, adds a 1 KiB pax header
@@ -187,15 +190,27 @@ def nonempty(values) -> list[str]:
 
 
 def npy(sample: dict, ext: str) -> np.ndarray:
-    """An ``.npy`` member loaded with ``allow_pickle=False``: ``no_teacher_target`` when missing or
-    unreadable, ``npy_needs_pickle`` when it holds Python objects."""
+    """A numeric, non-empty array from a plain ``.npy`` member, read without pickle: ``npy_needs_pickle``
+    when its header declares Python objects, ``no_teacher_target`` when it is missing or anything else
+    (empty, an ``.npz`` or other zip, a pickle, truncated, strings)."""
     if ext not in sample:
         raise SkipSample("no_teacher_target", f"no {ext} member")
-    try:
-        return np.load(io.BytesIO(sample[ext]), allow_pickle=False)
-    except (ValueError, OSError) as exn:  # OSError: not an .npy at all
-        if "allow_pickle" in str(exn):  # numpy's refusal of an object array
-            raise SkipSample("npy_needs_pickle", ext) from None
+    data = sample[ext]
+    stream = io.BytesIO(data)
+    try:  # the header first: np.load would open a zip as NpzFile and blame any non-.npy bytes on allow_pickle
+        version = np.lib.format.read_magic(stream)
+        read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, _, dtype = read_header(stream)
+        count = np.prod(shape, dtype=object)  # a Python int: a forged shape cannot overflow it
+        if dtype.hasobject:
+            raise SkipSample("npy_needs_pickle", ext)
+        if dtype.kind not in "iuf" or count == 0:
+            raise SkipSample("no_teacher_target", f"{ext}: {dtype} array of shape {shape}, not non-empty numbers")
+        held = len(data) - stream.tell()  # checked before reading: the header's shape sizes the allocation
+        if held != count * dtype.itemsize:
+            raise SkipSample("no_teacher_target", f"{ext}: {held} bytes of data for a {dtype} array of shape {shape}")
+        return np.lib.format.read_array(io.BytesIO(data), allow_pickle=False)
+    except ValueError as exn:  # not an .npy (no magic string), a bad header, an unknown format version
         raise SkipSample("no_teacher_target", f"{ext}: {exn}") from None
 
 

@@ -33,6 +33,7 @@ log = logging.getLogger(__name__)
 _SCHEME_TOOLS = {"http": "curl", "https": "curl", "sftp": "curl", "ftps": "curl", "scp": "curl",
                  "htgs": "curl", "hf": "curl", "gs": "gsutil", "ais": "ais"}
 SIZES_FILE = "sizes.json"  # open_clip's: shard file name -> samples
+NO_FILE = "no such file"  # why a local count file gave nothing, when it is simply absent
 _EXIT_WAIT_S = 60.0  # a command that has written all of a shard must exit within this
 
 
@@ -183,62 +184,106 @@ def beside(url: str, name: str) -> str | None:
     return url[:shard.start()] + name + url[shard.end():] if shard else None
 
 
+def _json_object(data: bytes) -> tuple[dict | None, str]:
+    """Parsed JSON object, or (None, what is wrong with the text)."""
+    try:
+        table = json.loads(data)
+    except json.JSONDecodeError as exn:
+        return None, f"not valid JSON (line {exn.lineno} col {exn.colno}: {exn.msg})"
+    except ValueError as exn:  # bytes that are not UTF-8
+        return None, f"not valid JSON ({exn})"
+    return (table, "") if isinstance(table, dict) else (None, f"not a JSON object but a {type(table).__name__}")
+
+
 @functools.lru_cache(maxsize=None)  # fetched once per process, however often counts are asked for
 def _fetch_json(url: str) -> tuple[dict | None, str]:
-    """A remote JSON file, or (None, why not)."""
+    """A remote JSON object, or (None, why not)."""
     try:
         with open_url(url) as f:
-            return json.load(f), ""
-    except Exception as exn:  # 404 (curl exit 22), no network, not JSON: no count from this file
+            data = f.read()
+    except Exception as exn:  # 404 (curl exit 22), no network: no count from this file
         return None, f"{type(exn).__name__}: {exn}"
+    return _json_object(data)
 
 
 def _read_json(url: str) -> tuple[dict | None, str]:
+    """A JSON object file beside shards, or (None, why not): missing, unreadable, malformed."""
     if not is_local(url):
         return _fetch_json(url)
     path = _local_path(url)
     if not os.path.isfile(path):
-        return None, "no such file"
-    with open(path) as f:
-        return json.load(f), ""
+        return None, NO_FILE
+    try:
+        with open(path, "rb") as f:
+            return _json_object(f.read())
+    except OSError as exn:
+        return None, f"unreadable ({exn.strerror or exn})"
+
+
+def _count(value) -> int | None:
+    """A recorded sample count (an int, or its digits as written by some tools); None if it is none."""
+    if isinstance(value, str) and value.isdigit():
+        return int(value)
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
+
+
+def _shown(value) -> str:
+    """A JSON value as written, cut short: for messages."""
+    text = json.dumps(value)
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 def _stats_count(url: str) -> tuple[int | None, str]:
     """img2dataset's ``NNNNN_stats.json`` beside shard ``NNNNN.tar``: its ``successes``."""
     stats_url = beside(url, _shard_name(url)[0].rsplit(".", 1)[0] + "_stats.json")  # shard_sizes checked the name
     table, why = _read_json(stats_url)
-    return (int(table["successes"]), "") if table else (None, f"{stats_url}: {why}")
+    if table is None:
+        return None, f"{stats_url}: {why}"
+    count = _count(table.get("successes"))
+    if count is None:
+        return None, f"{stats_url}: " + (f"'successes' is {_shown(table['successes'])}, not a sample count"
+                                         if "successes" in table else "no 'successes' in it")
+    return count, ""
 
 
 def shard_sizes(urls: Sequence[str]) -> tuple[dict[str, int] | None, str]:
-    """Samples per shard from ``sizes.json`` or img2dataset stats files; (None, what was tried) if unknown."""
+    """Samples per shard from ``sizes.json`` or img2dataset stats files; (None, what was tried) if unknown.
+    A malformed file gives no count (named in the reason, or logged when stats files give the counts)."""
     sizes: dict[str, int] = {}
-    unlisted = []
-    tables: dict[str, dict] = {}  # one read of each directory's sizes.json, not one per shard
+    unlisted: dict[str, str] = {}  # shard -> why sizes.json gives no count for it
+    tables: dict[str, tuple[dict | None, str]] = {}  # one read of each directory's sizes.json, not one per shard
     for url in urls:
         sizes_url = beside(url, SIZES_FILE)
         if sizes_url is None:
             return None, "no word ending in .tar in the command, so no file beside it can be named"
         if sizes_url not in tables:
-            table, why = _read_json(sizes_url)
-            tables[sizes_url] = {k: int(v) for k, v in (table or {}).items()}
+            tables[sizes_url] = _read_json(sizes_url)
+            why = tables[sizes_url][1]
             if why and not is_local(url):
-                log.info("no sizes.json at %s (%s): trying img2dataset _stats.json files", sizes_url, why)
+                log.info("no counts from %s (%s): trying img2dataset _stats.json files", sizes_url, why)
+            elif why and why != NO_FILE:  # a file there but broken: not passed over in silence
+                log.warning("no counts from %s (%s): trying img2dataset _stats.json files", sizes_url, why)
+        table, why = tables[sizes_url]
         name = _shard_name(url)[0]
-        if name in tables[sizes_url]:
-            sizes[url] = tables[sizes_url][name]
+        count = _count(table.get(name)) if table else None
+        if count is not None:
+            sizes[url] = count
+        elif table is None:
+            unlisted[url] = "not in sizes.json" if why == NO_FILE else f"no count in {sizes_url} ({why})"
         else:
-            unlisted.append(url)
+            unlisted[url] = ("not in sizes.json" if name not in table
+                             else f"no count in {sizes_url} ('{name}' is {_shown(table[name])})")
     if not unlisted:
         return sizes, ""
-    first, why = _stats_count(unlisted[0])  # a missing count stops here, before fetching the rest
+    first_url, first_why = next(iter(unlisted.items()))
+    first, why = _stats_count(first_url)  # a missing count stops here, before fetching the rest
     if first is None:
-        return None, f"not in sizes.json and no img2dataset stats ({why})"
-    with ThreadPoolExecutor(1 if is_local(unlisted[0]) else 32) as pool:  # remote: one request per shard, in parallel
-        counts = list(pool.map(_stats_count, unlisted[1:]))
-    for url, (count, why) in zip(unlisted, [(first, "")] + counts):
+        return None, f"{first_why} and no img2dataset stats ({why})"
+    with ThreadPoolExecutor(1 if is_local(first_url) else 32) as pool:  # remote: one request per shard, in parallel
+        counts = list(pool.map(_stats_count, list(unlisted)[1:]))
+    for (url, listed_why), (count, why) in zip(unlisted.items(), [(first, "")] + counts):
         if count is None:
-            return None, f"'{url}' not in sizes.json and no img2dataset stats ({why})"
+            return None, f"'{url}': {listed_why} and no img2dataset stats ({why})"
         sizes[url] = count
     return sizes, ""
 
@@ -249,7 +294,7 @@ def count_samples(sources: list[list[str]]) -> int:
     for urls in sources:
         sizes, why = shard_sizes(urls)
         if sizes is None:
-            raise ValueError(
+            raise UserError(
                 f"no sample count for shards like '{urls[0]}': {why}. "
                 "Run `python -m clip_hvt.data.check --paths DIR --write_sizes true` (remote shards: on a copy, "
                 "then upload its sizes.json beside them) or set the samples per epoch in the data config "
@@ -268,9 +313,9 @@ class WeightedResampledShards(torch.utils.data.IterableDataset):
                  seed: int = 0, rank: int = 0, stream_offset: int = 0):
         super().__init__()
         if weights is not None and len(weights) != len(sources):
-            raise ValueError(f"{len(weights)} source weights given for {len(sources)} sources (split by '::')")
+            raise UserError(f"{len(weights)} source weights given for {len(sources)} sources (split by '::')")
         if weights is not None and (min(weights) < 0 or sum(weights) <= 0):
-            raise ValueError(f"source weights must be non-negative with a positive sum, got {list(weights)}")
+            raise UserError(f"source weights must be non-negative with a positive sum, got {list(weights)}")
         self.sources = sources
         self.weights = list(weights) if weights is not None else [len(s) for s in sources]
         self.seed, self.rank, self.stream_offset = seed, rank, stream_offset

@@ -5,12 +5,17 @@ Each sample gains ``teacher_image.npy`` (the teacher's unit image embedding, ``[
 evaluation preprocessing) and ``teacher_text.npy`` (one per caption, ``[n, D]``, in ``sample.captions``
 order), float16 plain ``.npy``; shards keep their names, with ``sizes.json``. Samples the training
 reader would skip are left out and counted by reason. Train with ``model.distill.stored_targets true``.
+Each shard is written under a hidden name and renamed when complete, then listed in ``sizes.json``: a run
+that stops (Ctrl-C, CUDA out of memory) leaves complete, listed shards only.
 """
 from __future__ import annotations
 
+import contextlib
 import io
 import json
+import os
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import open_clip
@@ -22,13 +27,45 @@ from ..distill import Distill, Teacher
 from ..malloc import keep_freed_memory
 from .pipeline import decode, read_shards
 from .sample import TAR_MTIME, TARGET_MEMBERS, SkipCounter, captions
-from .shards import SIZES_FILE, expand_sources
+from .shards import SIZES_FILE, _json_object, _shard_name, expand_sources
 
 
 def npy_bytes(array: np.ndarray) -> bytes:
     buffer = io.BytesIO()
     np.save(buffer, np.ascontiguousarray(array, dtype=np.float16), allow_pickle=False)
     return buffer.getvalue()
+
+
+def _output_names(urls: list[str], out: str) -> dict[str, str]:
+    """{input shard: its output file name}: the shard's own name (for ``pipe:``, the word naming it).
+    Two inputs of one name (img2dataset names every set's shards 00000.tar, ...) would overwrite each other."""
+    firsts: dict[str, str] = {}  # output name -> the input written under it
+    for url in urls:
+        shard = _shard_name(url)
+        if shard is None:
+            raise UserError(f"no shard file name in '{url}': the command must name its shard, a word ending in .tar")
+        other = firsts.setdefault(shard[0], url)
+        if other != url:
+            raise UserError(f"shards '{other}' and '{url}' would both be written as {Path(out) / shard[0]}: "
+                            "run once per source, each into its own --out directory")
+    return {url: name for name, url in firsts.items()}
+
+
+@contextlib.contextmanager
+def _written_as(path: Path) -> Iterator[Path]:
+    """A hidden file beside ``path`` to write, renamed to ``path`` when the block completes and removed if it
+    fails: a stopped run never leaves a partial file under the final name."""
+    partial = path.with_name(f".{path.name}.partial")
+    try:
+        yield partial
+        os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)
+
+
+def _write_sizes(path: Path, sizes: dict) -> None:
+    with _written_as(path) as partial:
+        partial.write_text(json.dumps(dict(sorted(sizes.items())), indent=1))
 
 
 @torch.no_grad()
@@ -50,7 +87,8 @@ def add_teacher_features(shards: str, out: str, teacher: str, weights: str | Non
 
     Args:
         shards: input shards (webdataset spec: braces, globs; one source).
-        out: output directory; shards keep their file names; ``sizes.json`` is written.
+        out: output directory; shards keep their file names; ``sizes.json`` is written (counts of other shards
+            already listed there are kept).
         teacher: an open_clip export directory, or an open_clip model name with ``weights``.
         weights: local weights file of a teacher given by model name.
         caption_key: ``txt`` or ``json.<field>``, as the training run's ``data.caption_key``.
@@ -64,6 +102,12 @@ def add_teacher_features(shards: str, out: str, teacher: str, weights: str | Non
     out_dir = Path(out)
     if out_dir.resolve() in {Path(u).resolve().parent for u in urls}:
         raise UserError(f"--out {out} is the input directory: give a new directory (shards keep their names)")
+    names = _output_names(urls, out)
+    sizes_path = out_dir / SIZES_FILE
+    listed, why = _json_object(sizes_path.read_bytes()) if sizes_path.is_file() else ({}, "")  # kept, added to
+    if listed is None:
+        raise UserError(f"{sizes_path}: {why}; it lists the shards already in --out: repair it "
+                        f"(python -m clip_hvt.data.check --paths {out} --write_sizes true) or give a new --out")
     out_dir.mkdir(parents=True, exist_ok=True)
     model = Teacher.load(Distill(teacher=teacher, weights=weights, precision="32"))
     model.model.to(device)
@@ -71,19 +115,25 @@ def add_teacher_features(shards: str, out: str, teacher: str, weights: str | Non
     preprocess = open_clip.transform.image_transform_v2(
         open_clip.transform.PreprocessCfg(**model.model.visual.preprocess_cfg), is_train=False)
     # the training reader's stages: the samples it would use, skips counted and logged under its reasons
-    counter, sizes = SkipCounter(), {}
-    for url in urls:
-        with wds.TarWriter(str(out_dir / Path(url).name), mtime=TAR_MTIME) as sink:
-            sizes[Path(url).name] = 0
-            items = decode(read_shards([{"url": url}], counter), preprocess,
-                           lambda sample, rng: (sample, captions(sample, caption_key)), counter)
-            for batch in wds.batched(batch_size, collation_fn=None)(items):
-                for sample in _embed(model, batch, torch.device(device)):
-                    sink.write(sample)
-                sizes[Path(url).name] += len(batch)
-    (out_dir / SIZES_FILE).write_text(json.dumps(sizes, indent=1))
-    total = sum(sizes.values())
-    print(f"wrote {total} samples with teacher targets to {out_dir} ({len(sizes)} shards); skipped "
+    counter, written = SkipCounter(), {}
+    for url, name in names.items():
+        compress = wds.TarWriter.tarmode(name)[2:] or False  # by the final name: the hidden one ends in .partial
+        with _written_as(out_dir / name) as partial:
+            with wds.TarWriter(str(partial), mtime=TAR_MTIME, compress=compress) as sink:
+                written[name] = 0
+                items = decode(read_shards([{"url": url}], counter), preprocess,
+                               lambda sample, rng: (sample, captions(sample, caption_key)), counter)
+                for batch in wds.batched(batch_size, collation_fn=None)(items):
+                    for sample in _embed(model, batch, torch.device(device)):
+                        sink.write(sample)
+                    written[name] += len(batch)
+            if name in listed:  # a shard written before is replaced: its count goes first
+                del listed[name]
+                _write_sizes(sizes_path, listed)
+        listed[name] = written[name]
+        _write_sizes(sizes_path, listed)
+    total = sum(written.values())
+    print(f"wrote {total} samples with teacher targets to {out_dir} ({len(written)} shards); skipped "
           + (", ".join(f"{k}={n}" for k, n in sorted(counter.total.items())) or "none"))
     return {"written": total, "skipped": dict(counter.total)}
 
