@@ -143,6 +143,23 @@ def test_failed_generation_leaves_the_previous_set_and_no_temp_dir(tmp_path, mon
     assert sorted(p.name for p in tmp_path.iterdir()) == ["s"]
 
 
+def test_two_writers_of_one_set_at_once_leave_it_complete_and_written_once(tmp_path, monkeypatch):
+    # two nodes preparing the shapes data in one shared cache; in containers they share process ids too
+    monkeypatch.setattr("os.getpid", lambda: 1)
+    write_split, started, finished = synthetic._write_split, [], []
+
+    def the_other_node_finishes_first(out, split, samples, per_shard):
+        if split == "val" and not started:
+            started.append(out)
+            finished.append(_digest(synthetic.generate(tmp_path / "s", SMALL)))  # while this one is half-way
+        write_split(out, split, samples, per_shard)
+
+    monkeypatch.setattr(synthetic, "_write_split", the_other_node_finishes_first)
+    synthetic.generate(tmp_path / "s", SMALL)
+    assert synthetic.is_complete(tmp_path / "s", SMALL) and _digest(tmp_path / "s") == finished[0]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s"]  # no temp dir left by either
+
+
 def test_default_root_differs_for_every_parameter(monkeypatch, tmp_path):
     monkeypatch.setenv("CLIP_HVT_CACHE", str(tmp_path))
     base = synthetic.default_root(SMALL)

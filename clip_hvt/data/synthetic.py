@@ -17,6 +17,7 @@ import math
 import os
 import random
 import shutil
+import tempfile
 from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -185,8 +186,10 @@ def generate(root: str | os.PathLike, cfg: ShapesConfig = ShapesConfig()) -> Pat
     # Absolute, so the temp sibling lands next to it; through a link, replace the linked directory.
     root = Path(os.path.realpath(given) if given.is_symlink() else os.path.abspath(given))
     _check_replaceable(root)
-    tmp = root.with_name(root.name + f".tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
+    root.parent.mkdir(parents=True, exist_ok=True)
+    # A name no other writer has: Lightning prepares data on local rank 0 of every node, and nodes sharing a cache
+    # (containers: the same process ids) would otherwise write into, and remove, one another's temp dir.
+    tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.tmp-", dir=root.parent))
     try:
         # Separate streams per split: changing one split's size never changes another's samples.
         for split, samples in (("train", _pairs(random.Random(f"{cfg.seed}-train"), cfg.train_samples, cfg.image_size)),
@@ -197,10 +200,11 @@ def generate(root: str | os.PathLike, cfg: ShapesConfig = ShapesConfig()) -> Pat
         (tmp / "zeroshot" / "classnames.json").write_text(json.dumps(list(CLASSNAMES), indent=1))
         (tmp / "zeroshot" / "templates.json").write_text(json.dumps(list(ZEROSHOT_TEMPLATES), indent=1))
         (tmp / "manifest.json").write_text(json.dumps(asdict(cfg), indent=1))
+        if is_complete(root, cfg):  # another process (node) finished the same set meanwhile: it may be read already
+            return given
         _check_replaceable(root)  # again: something may have been written there meanwhile
-        old = root.with_name(root.name + f".old{os.getpid()}")  # the previous set, removed once replaced
+        old = tmp.with_name(tmp.name.replace(".tmp-", ".old-"))  # the previous set, removed once replaced
         if root.exists():
-            shutil.rmtree(old, ignore_errors=True)
             root.rename(old)
         try:
             tmp.rename(root)
