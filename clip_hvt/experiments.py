@@ -18,7 +18,8 @@ merged over the arm's own, so only the image tower differs::
 
 ``table`` prints params and GFLOPs (``clip_hvt.flops``) and fails when an arm is out of tolerance;
 ``prepare`` writes one arm's resolved config into its run directory and prints its training
-arguments (``slurm/sweep.sbatch`` runs them); ``run`` trains every arm one after another here.
+arguments (``slurm/sweep.sbatch`` runs them); ``run`` trains every arm one after another here. Both
+refuse a set with an arm out of tolerance, as ``table`` does.
 """
 from __future__ import annotations
 
@@ -138,6 +139,15 @@ def matching_table(exp: ExperimentSet) -> list[dict[str, Any]]:
     return rows
 
 
+def check_matched(set: str, exp: ExperimentSet, rows: list[dict[str, Any]]) -> None:
+    """Refuse a set with an arm outside the tolerance of the reference's image-tower GFLOPs (``matching_table``'s
+    rows): every command that trains or prepares arms checks it here."""
+    out = [r["arm"] for r in rows if not r["matched"]]
+    if out:
+        raise UserError(f"{set}: {', '.join(out)} outside ±{exp.tolerance:.0%} of {rows[0]['arm']}'s image-tower "
+                        "GFLOPs; change the arm (depth, model size) or the tolerance")
+
+
 def table(set: str) -> list[dict[str, Any]]:
     """Print the matching table of an experiment set; fail when an arm is out of tolerance.
 
@@ -152,10 +162,7 @@ def table(set: str) -> list[dict[str, Any]]:
     for r in rows:
         print(f"{r['arm']:<18} {r['image_params_M']:8.2f} {r['image_gflops']:12.3f} {r['text_params_M']:7.2f} "
               f"{r['text_gflops']:11.3f} {r['ratio']:6.3f}{'' if r['matched'] else '  OUT OF TOLERANCE'}")
-    out = [r["arm"] for r in rows if not r["matched"]]
-    if out:
-        raise UserError(f"{set}: {', '.join(out)} outside ±{exp.tolerance:.0%} of {rows[0]['arm']}'s image-tower "
-                        "GFLOPs; change the arm (depth, model size) or the tolerance")
+    check_matched(set, exp, rows)
     return rows
 
 
@@ -201,11 +208,16 @@ def prepare_arm(exp: ExperimentSet, arm: Arm, run_dir: Path, budget: dict[str, A
 
 
 def _budget(exp: ExperimentSet, max_steps: int | None, max_time: str | None) -> dict[str, Any]:
-    budget = dict(exp.budget)
-    if max_steps is not None:
-        budget["max_steps"] = max_steps
-    if max_time is not None:
-        budget["max_time"] = max_time
+    """The ``trainer.*`` budget of every arm: the command line's when it gives one, else the set's.
+
+    Lightning stops at the first limit it reaches, so a budget with ``max_time`` and no ``max_steps`` is
+    time-matched: it sets ``max_steps: -1`` over the run config's steps. One with both keeps both (whichever
+    comes first ends every arm).
+    """
+    given = {k: v for k, v in (("max_steps", max_steps), ("max_time", max_time)) if v is not None}
+    budget = given or dict(exp.budget)
+    if budget.get("max_time") is not None and budget.get("max_steps") is None:
+        budget["max_steps"] = -1
     return budget
 
 
@@ -217,11 +229,13 @@ def prepare(set: str, arm: str, out: str, max_steps: int | None = None, max_time
         set: experiment set YAML.
         arm: the arm's index (a SLURM array task id) or name.
         out: the set's output directory; the arm runs in ``OUT/<arm>``.
-        max_steps: step budget for every arm (overrides the set's).
-        max_time: wall-time budget for every arm, ``DD:HH:MM:SS`` (overrides the set's): time-matched.
+        max_steps: step budget for every arm (replaces the set's budget).
+        max_time: wall-time budget for every arm, ``DD:HH:MM:SS`` (replaces the set's budget): time-matched
+            unless max_steps is given too.
     """
     exp = load_set(set)
     chosen = _arm(exp, arm)
+    check_matched(set, exp, matching_table(exp))  # as `table` and `run`: a cluster sweep of unmatched arms is refused
     run_dir = Path(out).resolve() / chosen.name
     args = prepare_arm(exp, chosen, run_dir, _budget(exp, max_steps, max_time))
     print(run_dir, *args, sep="\n")
@@ -239,8 +253,9 @@ def run(set: str, out: str, max_steps: int | None = None, max_time: str | None =
     Args:
         set: experiment set YAML.
         out: the set's output directory.
-        max_steps: step budget for every arm (overrides the set's).
-        max_time: wall-time budget for every arm, ``DD:HH:MM:SS`` (overrides the set's).
+        max_steps: step budget for every arm (replaces the set's budget).
+        max_time: wall-time budget for every arm, ``DD:HH:MM:SS`` (replaces the set's budget): time-matched
+            unless max_steps is given too.
         arms: only these arms (names or indices); default all.
         overrides: more ``clip_hvt.train`` arguments for every arm, e.g. ``[--data.num_workers, "0"]``.
     """

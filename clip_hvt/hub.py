@@ -112,13 +112,13 @@ def eval_table(evals: list[dict]) -> str:
 def model_card(run_dir: Path, repo: str, evals: list[dict], steps: int | None = None) -> dict:
     """open_clip's ``model_card`` dict (``push_to_hf_hub``'s, rendered by its ``generate_readme``) of a run:
     architecture, params and GFLOPs (``clip_hvt.flops``), data (the saved config), and the evaluation table of
-    ``evals``. ``steps``: the published checkpoint's ``global_step``; without it, the last logged step
-    (``clip_hvt.report``'s reader). Samples seen: steps x global batch."""
+    ``evals`` (the published model's). ``steps``: the published checkpoint's ``global_step``; without it, the last
+    logged step. Global batch and samples seen: ``clip_hvt.report``'s."""
     cfg = report.find_config(run_dir)
     row, _ = report.summarize_run(run_dir)
     model_cfg, data = to_open_clip(cfg["model"]["model_cfg"]), cfg.get("data") or {}
-    global_batch = int(data.get("batch_size") or 0) * report.world_size(cfg.get("trainer") or {})
     steps = row["steps"] if steps is None else steps
+    seen = report.samples_seen(steps, row["global_batch"])
     vision, text = model_cfg.get("vision_cfg") or {}, model_cfg.get("text_cfg") or {}
     name = vision.get("timm_model_name")
     ours = bool(name) and timm.is_model(name) and timm.models.model_entrypoint(name).__module__.startswith("clip_hvt")
@@ -132,9 +132,9 @@ def model_card(run_dir: Path, repo: str, evals: list[dict], steps: int | None = 
         "GFLOPs (forward, clip_hvt.flops)": {"per image": f"{row['image_gflops']:.4g}",
                                               "per caption": f"{row['text_gflops']:.4g}"},
         "Training data": _data_spec(data),
-        "Global batch size": global_batch,
+        "Global batch size": row["global_batch"],
         "Steps": steps if steps is not None else "not logged",
-        "Samples seen": steps * global_batch if steps is not None and global_batch else "not logged",
+        "Samples seen": seen if seen is not None else "not logged",
     }
     usage = ("```python\nimport open_clip\n" + ("import clip_hvt  # registers the image tower in timm (pip install clip_hvt)\n" if ours else "")
              + f"model, _, preprocess = open_clip.create_model_and_transforms('hf-hub:{repo}')\n"
@@ -147,6 +147,15 @@ def model_card(run_dir: Path, repo: str, evals: list[dict], steps: int | None = 
     return card
 
 
+def published_models(run_dir: Path, cfg: dict, ckpt: Path, out: Path) -> list[Path]:
+    """The published model's paths, as evaluation results name it: the checkpoint, the hub folder (an export of it),
+    and, when the checkpoint is the run's last one, the run's own exports (written from the same final weights)."""
+    models = [ckpt.resolve(), out.resolve()]
+    if ckpt.name == "last.ckpt" and ckpt.resolve().is_relative_to(run_dir.resolve()):
+        models += [m for m in report.run_models(run_dir, cfg) if m.suffix != ".ckpt"]
+    return list(dict.fromkeys(models))
+
+
 def folder(run: str, out: str, ckpt: str | None = None, evals: list[str] | None = None, push_to: str | None = None,
            private: bool = False, ema: bool | None = None) -> Path:
     """Write a run's model as an open_clip hub folder (export + model card README.md); optionally push it.
@@ -155,7 +164,8 @@ def folder(run: str, out: str, ckpt: str | None = None, evals: list[str] | None 
         run: the run directory (trainer.default_root_dir: config.yaml, checkpoints/, logs).
         out: output directory (open_clip_config.json, open_clip_model.safetensors, README.md).
         ckpt: checkpoint to publish; default RUN/checkpoints/last.ckpt.
-        evals: more directories of evaluation JSONs (clip_hvt.eval --out) besides those under the run.
+        evals: more directories of evaluation JSONs (clip_hvt.eval --out) besides those under the run; the card
+            shows the results of the published model only (see ``published_models``).
         push_to: Hugging Face repo (ORG/NAME) to push to through open_clip's push_to_hf_hub (needs a token and network).
         private: create the pushed repo private.
         ema: as clip_hvt.export's --ema.
@@ -171,15 +181,20 @@ def folder(run: str, out: str, ckpt: str | None = None, evals: list[str] | None 
         if huggingface_hub.get_token() is None:
             raise UserError(f"--push_to {push_to}: no Hugging Face token; run `hf auth login` or set HF_TOKEN")
     try:
-        report.find_config(run_dir)
+        cfg = report.find_config(run_dir)
     except ValueError as err:
         raise UserError(f"'{run_dir}' has {err}; give the run directory clip_hvt.train wrote") from None
-    found = report.read_eval_jsons(run_dir)
+    ckpt = ckpt or run_dir / "checkpoints" / "last.ckpt"
+    models = published_models(run_dir, cfg, Path(ckpt), Path(out))
+    given = []
     for directory in evals or []:
         if not Path(directory).is_dir():
             raise UserError(f"evaluation directory '{directory}' does not exist; give clip_hvt.eval's --out")
-        found += report.read_eval_jsons(Path(directory))
-    ckpt = ckpt or run_dir / "checkpoints" / "last.ckpt"
+        given += report.read_eval_jsons(Path(directory))
+    if evals and not report.evals_of(given, models):
+        raise UserError(f"--evals {' '.join(evals)}: none of its {len(given)} results is of the published model "
+                        f"({', '.join(map(str, models))}); evaluate it: python -m clip_hvt.eval --model {models[0]}")
+    found = report.evals_of(report.read_eval_jsons(run_dir) + given, models)
     loaded = export.load_checkpoint(ckpt)
     model, model_cfg = export.model_from_loaded(loaded, ema, ckpt)
     name = Path(out).resolve().name

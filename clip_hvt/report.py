@@ -3,7 +3,8 @@
 Reads each run directory (a training run's working directory, e.g. an arm of
 ``clip_hvt.experiments`` or ``slurm/sweep.sbatch``): its saved config (``config.yaml``, LightningCLI's),
 its logged metrics (Lightning CSV ``metrics.csv`` and wandb offline ``*.wandb`` files) and the
-evaluation JSONs (CLIP_benchmark's keys, as ``clip_hvt.eval`` writes them) anywhere under it.
+evaluation JSONs (CLIP_benchmark's keys, as ``clip_hvt.eval`` writes them) anywhere under it whose ``model`` is
+one the run wrote (its export or a checkpoint; ``run_models``).
 It computes params and GFLOPs per image and caption (``clip_hvt.flops``) and the measured training
 throughput (``ThroughputMonitor``'s ``train/samples`` over ``train/time``), and writes
 ``results.csv``, ``report.md`` and PNG plots: zero-shot top-1 and retrieval R@1 against image-tower
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import math
 import struct
 import sys
@@ -24,6 +26,9 @@ import yaml
 
 from . import flops
 from .cli import UserError, run as run_cli
+from .export import CONFIG_NAME
+
+log = logging.getLogger(__name__)
 
 FAMILIES = ("hierarchical", "hierarchical+multiscale", "ViT", "CNN")
 _HIERARCHICAL = ("pvt_v2", "cvt_", "swin", "twins", "pvt")
@@ -34,8 +39,8 @@ METRICS = (("zeroshot_top1", "zero-shot top-1"), ("retrieval_r1", "retrieval R@1
 COSTS = (("image_gflops", "image-tower GFLOPs per image"), ("image_params_M", "image-tower params (M)"),
          ("train_samples_per_s", "measured training samples/s"))
 COLUMNS = ["run", "family", "image_tower", "image_size", "image_params_M", "image_gflops", "text_params_M",
-           "text_gflops", "steps", "samples_seen", "train_samples_per_s", "zeroshot_top1", "zeroshot_top5",
-           "retrieval_r1", "image_to_text_R@1", "text_to_image_R@1", "source"]
+           "text_gflops", "world_size", "global_batch", "steps", "samples_seen", "train_samples_per_s",
+           "zeroshot_top1", "zeroshot_top5", "retrieval_r1", "image_to_text_R@1", "text_to_image_R@1", "source"]
 
 
 def family(vision_cfg: dict) -> str:
@@ -162,14 +167,85 @@ def read_eval_jsons(run_dir: Path) -> list[dict]:
     return results
 
 
+def run_models(run_dir: Path, cfg: dict) -> list[Path]:
+    """The models a run wrote, final first: its exports (``--export_dir``: directories with ``open_clip_config.json``
+    under the run, or the saved config's absolute ``export_dir``), its ``last.ckpt`` files, then its other
+    checkpoints, newest first."""
+    exports = [p.parent for p in _files(run_dir, CONFIG_NAME)]
+    if isinstance(cfg.get("export_dir"), str) and Path(cfg["export_dir"]).is_absolute():
+        exports.append(Path(cfg["export_dir"]).resolve())
+    ckpts = sorted(_files(run_dir, "*.ckpt"), key=lambda p: (p.name != "last.ckpt", -p.stat().st_mtime))
+    return list(dict.fromkeys(exports + ckpts))
+
+
+def _evaluated_path(result: dict) -> Path | None:
+    # clip_hvt.eval's "model": "local-dir:DIR" for an export, the path for a .ckpt, else an open_clip name
+    name = result.get("model")
+    return Path(name.removeprefix("local-dir:")) if isinstance(name, str) and name else None
+
+
+def _is_model(path: Path, model: Path) -> bool:
+    """``path`` (as ``clip_hvt.eval`` was given it) names ``model`` (resolved): an absolute path the same file, a
+    relative one (relative to wherever the evaluation ran) the same file from here or the last parts of its path."""
+    if path.resolve() == model:
+        return True
+    return not path.is_absolute() and ".." not in path.parts and model.parts[-len(path.parts):] == path.parts
+
+
+def evals_of(results: list[dict], models: list[Path]) -> list[dict]:
+    """The results of one of ``models`` (resolved, preferred first; ``run_models``): for each (dataset, task) the
+    result of the first model evaluated on it, sorted by dataset and task. Results of other models are left out:
+    a folder of ``clip_hvt.eval --out`` holds one JSON per (model, set)."""
+    best: dict[tuple[str, str], tuple[int, dict]] = {}
+    for result in results:
+        path = _evaluated_path(result)
+        rank = next((i for i, m in enumerate(models) if path is not None and _is_model(path, m)), None)
+        key = (str(result["dataset"]), str(result["task"]))
+        if rank is not None and (key not in best or rank < best[key][0]):
+            best[key] = (rank, result)
+    return [best[key][1] for key in sorted(best)]
+
+
 def _last(rows: list[dict[str, float]], key: str) -> float | None:
     values = [r[key] for r in rows if key in r and math.isfinite(r[key])]
     return values[-1] if values else None
 
 
-def world_size(trainer: dict) -> int:
+def devices_per_node(devices: Any) -> int | None:
+    """Devices per node of a saved ``trainer.devices``, in the forms Lightning accepts: an int > 0, its digit
+    string ('8': jsonargparse keeps a command-line value of that Union as given, as slurm/launch.sh passes it),
+    a list of device indices or their comma-separated string ('0,1'). None: Lightning picks at run time
+    ('auto', -1, '-1')."""
+    if isinstance(devices, str):
+        text = devices.strip()
+        devices = [d for d in text.split(",") if d.strip()] if "," in text else int(text) if text.isdigit() else None
+    if isinstance(devices, (list, tuple)):
+        return len(devices) or None
+    return devices if isinstance(devices, int) and not isinstance(devices, bool) and devices > 0 else None
+
+
+def world_size(trainer: dict, rows: list[dict[str, float]] | None = None) -> int:
+    """Processes of a run: ``devices_per_node`` x ``num_nodes`` of its saved config. Where the config leaves the
+    devices to Lightning, the ratio of ThroughputMonitor's global to per-device ``train/samples_per_sec`` in its
+    logged ``rows`` (Lightning logs the global rate only with several processes: a per-device rate alone is 1);
+    with neither, 1 and a warning naming the value."""
     devices, nodes = trainer.get("devices", 1), trainer.get("num_nodes", 1)
-    return (devices if isinstance(devices, int) and devices > 0 else 1) * (nodes if isinstance(nodes, int) else 1)
+    per_node = devices_per_node(devices)
+    if per_node is not None:
+        nodes = int(nodes) if isinstance(nodes, int) or (isinstance(nodes, str) and nodes.isdigit()) else 1
+        return per_node * max(nodes, 1)
+    device_rate = _last(rows or [], "train/device/samples_per_sec")
+    if device_rate:
+        total = _last(rows or [], "train/samples_per_sec")
+        return round(total / device_rate) if total else 1
+    log.warning("trainer.devices %r: the device count was left to Lightning and no throughput was logged; "
+                "counting one process (samples seen and samples/s may be too low)", devices)
+    return 1
+
+
+def samples_seen(steps: int | None, global_batch: int) -> int | None:
+    """Training samples seen after ``steps`` optimizer steps of ``global_batch`` (``summarize_run``'s)."""
+    return int(steps) * global_batch if steps is not None and global_batch else None
 
 
 def throughput(attempts: list[list[dict[str, float]]]) -> float | None:
@@ -193,8 +269,12 @@ def summarize_run(run_dir: Path) -> tuple[dict[str, Any], list[tuple[float, floa
     costs = flops.model_costs(model_cfg)
     attempts, source = read_metrics(run_dir)
     rows = merge_attempts(attempts)
-    world = world_size(cfg.get("trainer") or {})
-    global_batch = int((cfg.get("data") or {}).get("batch_size") or 0) * world
+    trainer = cfg.get("trainer") or {}
+    world = world_size(trainer, rows)
+    # pairs per optimizer step (the logged steps): per-device batch x processes x Lightning's gradient accumulation
+    accumulate = trainer.get("accumulate_grad_batches")
+    global_batch = (int((cfg.get("data") or {}).get("batch_size") or 0) * world
+                    * (accumulate if isinstance(accumulate, int) and accumulate > 0 else 1))
     steps = max((r["step"] for r in rows if "step" in r), default=None)
     device_rate = throughput(attempts)
     row: dict[str, Any] = {
@@ -204,16 +284,18 @@ def summarize_run(run_dir: Path) -> tuple[dict[str, Any], list[tuple[float, floa
         "image_size": vision.get("image_size"),
         "image_params_M": costs["image_params"] / 1e6, "image_gflops": costs["image_flops"] / 1e9,
         "text_params_M": costs["text_params"] / 1e6, "text_gflops": costs["text_flops"] / 1e9,
+        "world_size": world, "global_batch": global_batch,
         "steps": int(steps) if steps is not None else None,
-        "samples_seen": int(steps) * global_batch if steps is not None and global_batch else None,
+        "samples_seen": samples_seen(steps, global_batch),
         "train_samples_per_s": device_rate * world if device_rate else None,
         "zeroshot_top1": _last(rows, "zeroshot/top1"), "zeroshot_top5": _last(rows, "zeroshot/top5"),
         "image_to_text_R@1": _last(rows, "val/image_to_text_R@1"),
         "text_to_image_R@1": _last(rows, "val/text_to_image_R@1"),
         "source": source,
     }
-    # Standalone evaluation wins over training-time numbers: first zero-shot set, first retrieval set.
-    evals = read_eval_jsons(run_dir)
+    # Standalone evaluation of this run's model wins over training-time numbers: the first zero-shot and the first
+    # retrieval set by name. Results of other models (an eval folder shared by several) are not this run's.
+    evals = evals_of(read_eval_jsons(run_dir), run_models(run_dir, cfg))
     zeroshot = [e for e in evals if "acc1" in e["metrics"]]
     retrieval = [e for e in evals if "image_retrieval_recall@1" in e["metrics"]]
     if zeroshot:
@@ -232,12 +314,13 @@ def summarize_run(run_dir: Path) -> tuple[dict[str, Any], list[tuple[float, floa
     row["retrieval_r1"] = sum(directions) / len(directions) if directions else None
     curve = []
     for r in rows:
-        if "step" not in r or not global_batch:
+        seen = samples_seen(r.get("step"), global_batch)
+        if seen is None:
             continue
         for key, name in (("zeroshot/top1", "zeroshot_top1"), ("val/image_to_text_R@1", "image_to_text_R@1"),
                           ("val/text_to_image_R@1", "text_to_image_R@1")):
             if key in r:
-                curve.append((r["step"] * global_batch, r[key], name))
+                curve.append((seen, r[key], name))
     return row, curve
 
 

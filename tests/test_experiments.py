@@ -16,8 +16,8 @@ TINY_CONFIG = REPO / "tests" / "configs" / "tiny.yaml"
 TEXT = {"context_length": 16, "width": 32, "heads": 2, "layers": 1}
 
 
-def write_set(tmp_path: Path, vit_layers: int, tolerance: float = 0.1) -> Path:
-    """pvt_v2_b0 at 32 px (the reference) vs a ViT whose depth sets its GFLOPs."""
+def write_set(tmp_path: Path, vit_layers: int, tolerance: float = 0.1, budget: dict | None = None) -> Path:
+    """pvt_v2_b0 at 32 px (the reference) vs a ViT whose depth sets its GFLOPs (12 blocks: matched within 10%)."""
     pvt = tmp_path / "pvt.yaml"
     pvt.write_text(yaml.safe_dump({"model": {"model_cfg": {"embed_dim": 64, "vision_cfg": {
         "timm_model_name": "pvt_v2_b0", "image_size": 224}, "text_cfg": {"width": 512, "heads": 8, "layers": 12}}},
@@ -28,7 +28,7 @@ def write_set(tmp_path: Path, vit_layers: int, tolerance: float = 0.1) -> Path:
         "text_cfg": {"width": 512, "heads": 8, "layers": 12}}}}))
     exp = tmp_path / "set.yaml"
     exp.write_text(yaml.safe_dump({
-        "name": "tiny", "configs": [str(TINY_CONFIG)], "budget": {"max_steps": 2}, "seed": 3,
+        "name": "tiny", "configs": [str(TINY_CONFIG)], "budget": budget or {"max_steps": 2}, "seed": 3,
         "tolerance": tolerance, "model_cfg": {"embed_dim": 32, "vision_cfg": {"image_size": 32}, "text_cfg": TEXT},
         "arms": [str(pvt), {"name": f"vit_d{vit_layers}", "config": str(vit),
                             "model_cfg": {"vision_cfg": {"layers": vit_layers}}}]}))
@@ -96,15 +96,16 @@ def test_bad_sets_are_one_line_errors(tmp_path):
 
 
 def test_prepare_writes_the_arm_config_and_its_training_arguments_compose(tmp_path, capsys):
-    exp = write_set(tmp_path, vit_layers=2)
+    exp = write_set(tmp_path, vit_layers=12)
     main(["prepare", "--set", str(exp), "--arm", "1", "--out", str(tmp_path / "out"), "--max_time", "00:00:05:00"])
     lines = capsys.readouterr().out.splitlines()
     run_dir = Path(lines[0])
-    assert run_dir == (tmp_path / "out" / "vit_d2").resolve()
+    assert run_dir == (tmp_path / "out" / "vit_d12").resolve()
     written = yaml.safe_load((run_dir / "experiment.yaml").read_text())
     assert written["seed_everything"] == 3
-    assert written["trainer"] == {"max_steps": 2, "max_time": "00:00:05:00"}
-    assert written["model"]["model_cfg"]["vision_cfg"]["layers"] == 2
+    # --max_time replaces the set's step budget: time-matched, not capped at the set's (or tiny.yaml's) steps
+    assert written["trainer"] == {"max_time": "00:00:05:00", "max_steps": -1}
+    assert written["model"]["model_cfg"]["vision_cfg"]["layers"] == 12
     printed = subprocess.run([sys.executable, "-m", "clip_hvt.train", *lines[1:], "--print_config"], cwd=run_dir,
                              capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=300)
     assert printed.returncode == 0, printed.stderr[-2000:]
@@ -112,15 +113,41 @@ def test_prepare_writes_the_arm_config_and_its_training_arguments_compose(tmp_pa
     # exactly the arm's model: nothing of the run config's (tiny.yaml's timm_model_name: pvt_v2_b0) left in
     got = resolved["model"]["model_cfg"]
     assert {k: v for k, v in got["vision_cfg"].items() if v is not None} == {
-        "image_size": 32, "patch_size": 8, "width": 64, "layers": 2, "head_width": 32}
+        "image_size": 32, "patch_size": 8, "width": 64, "layers": 12, "head_width": 32}
     assert {k: v for k, v in got["text_cfg"].items() if v is not None} == TEXT
     assert got["embed_dim"] == 32
     assert resolved["trainer"]["max_time"] == "00:00:05:00" and resolved["seed_everything"] == 3
+    assert resolved["trainer"]["max_steps"] == -1  # over tiny.yaml's max_steps: 4
+
+
+@pytest.mark.parametrize("budget, args, trainer", [
+    ({"max_time": "00:01:00:00"}, [], {"max_time": "00:01:00:00", "max_steps": -1}),  # the set's: time-matched
+    ({"max_time": "00:01:00:00", "max_steps": 7}, [], {"max_time": "00:01:00:00", "max_steps": 7}),  # both kept
+    ({"max_steps": 2}, ["--max_steps", "9"], {"max_steps": 9}),
+    ({"max_steps": 2}, ["--max_steps", "9", "--max_time", "00:00:05:00"], {"max_steps": 9, "max_time": "00:00:05:00"}),
+])
+def test_a_time_budget_lifts_the_step_limit_unless_it_gives_steps_too(tmp_path, capsys, budget, args, trainer):
+    exp = write_set(tmp_path, vit_layers=12, budget=budget)
+    main(["prepare", "--set", str(exp), "--arm", "0", "--out", str(tmp_path / "out"), *args])
+    written = yaml.safe_load((tmp_path / "out" / "pvt" / "experiment.yaml").read_text())
+    assert written["trainer"] == trainer
+
+
+def test_prepare_refuses_a_set_out_of_tolerance_as_table_does(tmp_path, capsys):
+    """slurm/sweep.sbatch prepares each arm: an unmatched set stops there, before any array task trains."""
+    exp = write_set(tmp_path, vit_layers=6)
+    with pytest.raises(SystemExit, match="vit_d6 outside ±10% of pvt's image-tower GFLOPs") as table:
+        main(["table", "--set", str(exp)])
+    for arm in ("0", "vit_d6"):  # the reference's task too: the set is the problem, not one arm
+        with pytest.raises(SystemExit) as prepared:
+            main(["prepare", "--set", str(exp), "--arm", arm, "--out", str(tmp_path / "out")])
+        assert str(prepared.value).split("error: ", 1)[1] == str(table.value).split("error: ", 1)[1]
+    assert not (tmp_path / "out").exists()
 
 
 def test_sweep_array_task_prepares_its_arm_and_hands_it_to_launch(tmp_path):
     """sweep.sbatch as SLURM runs it for array task 1, with launch.sh replaced by a stub that records its input."""
-    exp = write_set(tmp_path, vit_layers=2)
+    exp = write_set(tmp_path, vit_layers=12)
     home = tmp_path / "home"
     (home / "slurm").mkdir(parents=True)
     stub = home / "slurm" / "launch.sh"
@@ -132,11 +159,18 @@ def test_sweep_array_task_prepares_its_arm_and_hands_it_to_launch(tmp_path):
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     out = done.stdout.splitlines()
-    run_dir = tmp_path / "runs" / "set-77" / "vit_d2"
+    run_dir = tmp_path / "runs" / "set-77" / "vit_d12"
     assert out[0] == f"RUN_DIR={run_dir}"
     assert out[1:] == [str(TINY_CONFIG), "--config", str(tmp_path / "vit.yaml"), "--config",
-                       str(run_dir / "experiment.yaml"), "--trainer.max_steps", "9"]
-    assert (run_dir / "experiment.yaml").is_file()
+                       str(run_dir / "experiment.yaml")]  # the budget flag became the arm's budget
+    assert yaml.safe_load((run_dir / "experiment.yaml").read_text())["trainer"] == {"max_steps": 9}
+    timed = subprocess.run(["bash", str(REPO / "slurm" / "sweep.sbatch"), str(exp), "--trainer.max_time=00:00:05:00",
+                            "--data.num_workers", "0"], cwd=tmp_path, env=env, capture_output=True, text=True,
+                           timeout=300)
+    assert timed.returncode == 0, timed.stderr[-2000:]
+    assert timed.stdout.splitlines()[-2:] == ["--data.num_workers", "0"]  # other overrides pass through
+    assert yaml.safe_load((run_dir / "experiment.yaml").read_text())["trainer"] == {  # time-matched: no step cap
+        "max_time": "00:00:05:00", "max_steps": -1}
     outside = subprocess.run(["bash", str(REPO / "slurm" / "sweep.sbatch"), str(exp)], cwd=tmp_path,
                              env={k: v for k, v in env.items() if k != "SLURM_ARRAY_TASK_ID"},
                              capture_output=True, text=True, timeout=60)

@@ -90,7 +90,8 @@ def test_evaluation_json_wins_and_a_missing_metric_is_a_blank_cell(runs, tmp_pat
     eval_dir = pvt / "eval"
     eval_dir.mkdir()
     (eval_dir / "shapes_zeroshot.json").write_text(json.dumps({
-        "dataset": "shapes", "model": "pvt", "pretrained": "x", "task": "zeroshot_classification",
+        "dataset": "shapes", "model": str(pvt / "checkpoints" / "last.ckpt"), "pretrained": "x",
+        "task": "zeroshot_classification",
         "metrics": {"acc1": 0.625, "acc5": 0.875, "mean_per_class_recall": 0.5}}))
     for path in pvt.rglob("metrics.csv"):  # drop the retrieval columns: R@1 becomes a blank cell
         rows = list(csv.DictReader(open(path)))
@@ -136,3 +137,102 @@ def test_a_requeued_runs_attempts_merge_into_one_history_and_their_throughput_ad
     assert [r["zeroshot/top1"] for r in merged if "zeroshot/top1" in r] == [0.75]
     # (8*30 samples in 60 s) + (8*20 samples in 20 s)
     assert report.throughput(attempts) == pytest.approx((240 + 160) / (60 + 20))
+
+
+# ---- world size, global batch and samples seen from the saved config --------------------------------------------
+
+from conftest import TINY_MODEL_CFG  # noqa: E402
+
+
+def _fake_run(path: Path, trainer: dict, rows: list[dict], batch_size: int = 4) -> Path:
+    """A run directory as training leaves it, without training: config.yaml and a Lightning metrics.csv."""
+    path.mkdir(parents=True)
+    (path / "config.yaml").write_text(yaml.safe_dump({"model": {"model_cfg": TINY_MODEL_CFG}, "trainer": trainer,
+                                                      "data": {"batch_size": batch_size}}))
+    keys = sorted({k for r in rows for k in r})
+    (path / "metrics.csv").write_text("\n".join([",".join(keys)] + [",".join(str(r.get(k, "")) for k in keys)
+                                                                   for r in rows]) + "\n")
+    return path
+
+
+# ThroughputMonitor's per-device counts (4 pairs a step, 2 s a step) and a validation at step 20
+ROWS = ([{"step": s, "train/samples": 4.0 * s, "train/time": 2.0 * s} for s in (10, 20)]
+        + [{"step": 20, "zeroshot/top1": 0.5}])
+
+
+@pytest.mark.parametrize("trainer, world", [
+    ({"devices": "8"}, 8),                      # slurm/launch.sh's --trainer.devices "$SLURM_NTASKS_PER_NODE"
+    ({"devices": [0, 1]}, 2),                   # device indices
+    ({"devices": "0,1"}, 2),                    # their comma string
+    ({"devices": "8", "num_nodes": 2}, 16),
+    ({"devices": 4, "num_nodes": 2, "accumulate_grad_batches": 3}, 8),
+])
+def test_samples_seen_and_throughput_count_every_device_of_every_node(tmp_path, trainer, world):
+    row, curve = report.summarize_run(_fake_run(tmp_path / "run", trainer, ROWS))
+    accumulate = trainer.get("accumulate_grad_batches", 1)
+    assert row["world_size"] == world and row["global_batch"] == 4 * world * accumulate
+    assert row["steps"] == 20 and row["samples_seen"] == 20 * 4 * world * accumulate
+    assert row["train_samples_per_s"] == pytest.approx(2.0 * world)  # 4 pairs per 2 s on each device
+    assert curve == [(20 * 4 * world * accumulate, 0.5, "zeroshot_top1")]  # the learning curve's x: samples seen
+
+
+def test_devices_left_to_lightning_are_counted_from_the_logged_throughput_else_one_with_a_warning(tmp_path, caplog):
+    # Lightning logs the global rate only with several processes: 3 here (6 pairs/s over 2 per device)
+    logged = ROWS + [{"step": 20, "train/device/samples_per_sec": 2.0, "train/samples_per_sec": 6.0}]
+    for i, devices in enumerate(("auto", -1, "-1")):
+        row, _ = report.summarize_run(_fake_run(tmp_path / f"run{i}", {"devices": devices}, logged))
+        assert row["world_size"] == 3 and row["samples_seen"] == 20 * 4 * 3
+    alone = ROWS + [{"step": 20, "train/device/samples_per_sec": 2.0}]  # no global rate: one process
+    assert report.summarize_run(_fake_run(tmp_path / "alone", {"devices": "auto"}, alone))[0]["world_size"] == 1
+    assert not caplog.records
+    row, _ = report.summarize_run(_fake_run(tmp_path / "unknown", {"devices": "auto"}, ROWS))
+    assert row["world_size"] == 1 and row["samples_seen"] == 20 * 4
+    assert "trainer.devices 'auto'" in caplog.text
+
+
+# ---- evaluation results belong to the model they name ----------------------------------------------------------
+
+def _result(model: str, dataset: str, task: str, value: float) -> dict:
+    metrics = ({"acc1": value, "acc5": 1.0} if task == "zeroshot_classification" else
+               {"image_retrieval_recall@1": value, "text_retrieval_recall@1": value / 2})
+    return {"dataset": dataset, "model": model, "pretrained": "", "task": task, "metrics": metrics}
+
+
+def test_each_run_keeps_its_own_models_results_from_a_shared_eval_folder(tmp_path, monkeypatch):
+    runs = {}
+    for name in ("a", "b"):
+        run = _fake_run(tmp_path / "sweep" / name, {"devices": 1}, ROWS)
+        (run / "export").mkdir()
+        (run / "export" / "open_clip_config.json").write_text("{}")
+        (run / "checkpoints").mkdir()
+        (run / "checkpoints" / "last.ckpt").write_bytes(b"")
+        (run / "checkpoints" / "epoch=0-step=10.ckpt").write_bytes(b"")
+        runs[name] = run
+    a, b = runs["a"], runs["b"]
+    # One `clip_hvt.eval --model a/export --model b/export ... --out` folder, found under both runs: file names as
+    # clip_hvt.eval writes them; a's are named relative to where it ran (sweep/), b's absolute.
+    results = {
+        "zz_export_zeroshot_classification.json": _result("local-dir:a/export", "zz", "zeroshot_classification", 0.1),
+        "aa_export_zeroshot_classification.json": _result("local-dir:a/export", "aa", "zeroshot_classification", 0.2),
+        "coco_export_zeroshot_retrieval.json": _result(f"local-dir:{a}/export", "coco", "zeroshot_retrieval", 0.3),
+        "aa_export_b_zeroshot_classification.json": _result(f"local-dir:{b}/export", "aa", "zeroshot_classification",
+                                                            0.6),
+        # b's intermediate checkpoint on the same set: its final model's result wins
+        "aa_epoch_zeroshot_classification.json": _result(str(b / "checkpoints" / "epoch=0-step=10.ckpt"), "aa",
+                                                         "zeroshot_classification", 0.9),
+        "coco_last_zeroshot_retrieval.json": _result(str(b / "checkpoints" / "last.ckpt"), "coco",
+                                                     "zeroshot_retrieval", 0.7),
+        "aa_other_zeroshot_classification.json": _result("ViT-B-32", "aa", "zeroshot_classification", 0.99),
+    }
+    for run in (a, b):
+        (run / "eval").mkdir()
+        for name, result in results.items():
+            (run / "eval" / name).write_text(json.dumps(result))
+    monkeypatch.chdir(tmp_path)  # the report runs elsewhere than the evaluation did
+    report_main([str(a), str(b), "--out", str(tmp_path / "r")])
+    rows = {r["run"]: r for r in csv.DictReader(open(tmp_path / "r" / "results.csv"))}
+    # zero-shot: the first set by name (aa), not the first file; retrieval: mean of both directions
+    assert rows["a"]["zeroshot_top1"] == "0.2" and rows["a"]["retrieval_r1"] == f"{(0.3 + 0.15) / 2:.4g}"
+    assert rows["a"]["eval/zz/acc1"] == "0.1" and rows["a"]["source"] == "csv+eval"
+    assert rows["b"]["zeroshot_top1"] == "0.6" and rows["b"]["retrieval_r1"] == f"{(0.7 + 0.35) / 2:.4g}"
+    assert rows["b"]["eval/zz/acc1"] == ""  # zz was evaluated for a only

@@ -151,8 +151,9 @@ def _run_dir(tmp_path, evals_in_run=True):
     (run / 'logs' / 'metrics.csv').write_text('step,train/loss\n9,2.0\n19,1.5\n29,1.2\n')
     eval_dir = run / 'eval' if evals_in_run else tmp_path / 'eval'
     eval_dir.mkdir()
-    for e in EVALS:
-        (eval_dir / f"{e['dataset']}.json").write_text(json.dumps(e))
+    for e in EVALS:  # clip_hvt.eval --model RUN/checkpoints/last.ckpt
+        e = {**e, 'model': str(run / 'checkpoints' / 'last.ckpt')}
+        (eval_dir / f"{e['dataset']}_last.ckpt_{e['task']}.json").write_text(json.dumps(e))
     return model, run, eval_dir
 
 
@@ -196,7 +197,15 @@ def test_hub_card_holds_costs_training_and_the_eval_numbers(tmp_path):
     without = (hub.folder(str(run), str(tmp_path / 'bare'), ckpt=str(tmp_path / 'no_step.ckpt')) / 'README.md').read_text()
     assert 'Model Comparison' not in without  # no eval JSON under the run: no table
     assert '**Steps:** 29' in without and f'**Samples seen:** {29 * 16}' in without  # the last logged step
+    # another model's results on the same sets in the same folder (clip_hvt.eval --model A --model B --out)
+    for e in EVALS:
+        other = {**e, 'model': f"local-dir:{tmp_path / 'other' / 'export'}", 'samples': 7,
+                 'metrics': {k: 0.5 for k in e['metrics']}}
+        (eval_dir / f"{e['dataset']}_export_{e['task']}.json").write_text(json.dumps(other))
+    with pytest.raises(UserError, match=r"--evals .*eval: none of its 4 results is of the published model .*no_step"):
+        hub.folder(str(run), str(tmp_path / 'bare'), ckpt=str(tmp_path / 'no_step.ckpt'), evals=[str(eval_dir)])
     card = (hub.folder(str(run), str(tmp_path / 'folder'), evals=[str(eval_dir)]) / 'README.md').read_text()
+    assert len([line for line in card.splitlines() if line.startswith('| shapes_')]) == len(EVALS)  # its own only
     costs = flops.model_costs(TINY_MODEL_CFG)
     assert f"per image: {costs['image_flops'] / 1e9:.4g}" in card
     assert f"per caption: {costs['text_flops'] / 1e9:.4g}" in card
@@ -211,6 +220,18 @@ def test_hub_card_holds_costs_training_and_the_eval_numbers(tmp_path):
         assert cells[1] == e['task'] and cells[2] == str(e['samples'])
         for metric, value in e['metrics'].items():
             assert float(cells[columns.index(metric)]) == pytest.approx(value, abs=5e-5)
+
+
+@pytest.mark.parametrize('devices, num_nodes, world', [('8', 2, 16), ([0, 1], 1, 2), ('0,1', 1, 2)])
+def test_hub_card_counts_every_device_as_the_report_does(tmp_path, devices, num_nodes, world):
+    """slurm/launch.sh's --trainer.devices "$SLURM_NTASKS_PER_NODE" is saved as a string ('8')."""
+    import yaml
+    _, run, _ = _run_dir(tmp_path)
+    config = yaml.safe_load((run / 'config.yaml').read_text())
+    config['trainer'].update(devices=devices, num_nodes=num_nodes)
+    (run / 'config.yaml').write_text(yaml.safe_dump(config))
+    details = hub.model_card(run, 'me/clip', [], steps=30)['details']
+    assert details['Global batch size'] == 8 * world and details['Samples seen'] == 30 * 8 * world
 
 
 def test_hub_push_without_token_fails_before_any_work(tmp_path, monkeypatch):
