@@ -79,6 +79,15 @@ def test_missing_count_is_a_clear_error(tmp_path):
     assert "val_num_samples" not in message  # no such option
 
 
+def _no_count_error(tmp_path, shard: str, count_file: str, text: bytes) -> str:
+    """``count_samples``' error for the one shard ``shard`` beside a ``count_file`` holding ``text``."""
+    urls = touch_shards(tmp_path, [shard])
+    (tmp_path / count_file).write_bytes(text)
+    with pytest.raises(UserError) as err:
+        count_samples([urls])
+    return str(err.value)
+
+
 @pytest.mark.parametrize("text,why", [
     (b'{"s-0.tar": ', "not valid JSON (line 1 col 13: Expecting value)"),  # a write cut short
     (b'{"s-0.tar": "\xe9"}', "not valid JSON ('utf-8' codec can't decode byte 0xe9 in position 13"),
@@ -88,14 +97,11 @@ def test_missing_count_is_a_clear_error(tmp_path):
     (b'{"s-0.tar": -4}', "'s-0.tar' is -4"),
 ], ids=["truncated", "not_utf8", "list", "null", "list_value", "negative"])
 def test_malformed_sizes_json_is_a_one_line_error_naming_the_file(tmp_path, text, why):
-    urls = touch_shards(tmp_path, ["s-0.tar"])
-    (tmp_path / "sizes.json").write_bytes(text)
-    with pytest.raises(UserError) as err:
-        count_samples([urls])
-    assert str(err.value).startswith(f"no sample count for shards like '{urls[0]}': no count in "
-                                     f"{tmp_path}/sizes.json ({why}")
+    message = _no_count_error(tmp_path, "s-0.tar", "sizes.json", text)
+    assert message.startswith(f"no sample count for shards like '{tmp_path / 's-0.tar'}': no count in "
+                              f"{tmp_path}/sizes.json ({why}")
     assert f"and no img2dataset stats ({tmp_path}/s-0_stats.json: no such file). Run `python -m " \
-           "clip_hvt.data.check --paths DIR --write_sizes true`" in str(err.value)
+           "clip_hvt.data.check --paths DIR --write_sizes true`" in message
 
 
 def test_malformed_sizes_json_is_logged_when_stats_files_give_the_counts(tmp_path, caplog):
@@ -116,12 +122,9 @@ def test_malformed_sizes_json_is_logged_when_stats_files_give_the_counts(tmp_pat
     (b"5", "not a JSON object but a int"),
 ], ids=["truncated", "no_successes", "null", "text", "number"])
 def test_malformed_img2dataset_stats_is_a_one_line_error_naming_the_file(tmp_path, text, why):
-    urls = touch_shards(tmp_path, ["00000.tar"])
-    (tmp_path / "00000_stats.json").write_bytes(text)
-    with pytest.raises(UserError) as err:
-        count_samples([urls])
-    assert str(err.value).startswith(f"no sample count for shards like '{urls[0]}': not in sizes.json and no "
-                                     f"img2dataset stats ({tmp_path}/00000_stats.json: {why}")
+    message = _no_count_error(tmp_path, "00000.tar", "00000_stats.json", text)
+    assert message.startswith(f"no sample count for shards like '{tmp_path / '00000.tar'}': not in sizes.json and "
+                              f"no img2dataset stats ({tmp_path}/00000_stats.json: {why}")
 
 
 def test_check_reports_and_rewrites_bad_counts(tmp_path, capsys):
