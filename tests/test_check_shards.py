@@ -170,6 +170,20 @@ def test_write_sizes_counts_the_samples_the_reader_yields(tmp_path, capsys):
     assert [p["reason"] for p in report["problems"]] == ["undecodable_image"]
 
 
+def test_sizes_json_is_read_once_per_directory_and_a_broken_one_is_named(tmp_path, capsys, monkeypatch):
+    shards = write_set(tmp_path / "shards", [(f"{i:04d}", good(i)) for i in range(8)], shard_size=2)
+    reads = []
+    read_json = check._read_json
+    monkeypatch.setattr("clip_hvt.data.shards._read_json", lambda url: reads.append(url) or read_json(url))
+    monkeypatch.setattr(check, "_read_json", lambda url: reads.append(url) or read_json(url))
+    assert run_check("--paths", shards) == 0
+    assert reads == [str(shards / "sizes.json")] * 2  # the checker's look, then the counts of all 4 shards at once
+    (shards / "sizes.json").write_text('{"train-000000.tar": 2,')
+    assert run_check("--paths", shards) == 1
+    assert "not valid JSON (line 1 col 24: Expecting property name enclosed in double quotes); run with " \
+           "--write_sizes true" in capsys.readouterr().out
+
+
 def test_write_sizes_still_compares_with_what_the_writer_recorded(tmp_path, capsys):
     # img2dataset says 5, the shard holds 3: rewriting sizes.json must not hide the loss
     write_tar(tmp_path / "00000.tar", [(f"{i:04d}", good(i)) for i in range(3)])

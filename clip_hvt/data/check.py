@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from ..cli import UserError, run
 from .sample import MAX_IMAGE_PIXELS, WORKER_DIED, SkipSample, captions, decode_sample, label, read_tar
-from .shards import SIZES_FILE, shard_sizes
+from .shards import SIZES_FILE, _read_json, shard_sizes
 
 FINDINGS = {
     "count_mismatch": "the shard holds another number of readable samples than sizes.json / _stats.json says",
@@ -111,15 +111,14 @@ def check_sizes(directory: Path, reports: Sequence, write: bool = False) -> list
     other shards that still exist: what the write repairs (a missing count, a listed shard that is gone) is
     no problem then, but a count that differs from what the writer recorded is still one."""
     path = directory / SIZES_FILE
-    try:
-        sizes = json.loads(path.read_text())
-    except (OSError, ValueError):
-        sizes = None
-    unreadable = path.exists() and not isinstance(sizes, dict)
-    problems = [Problem("sizes_unreadable", str(path), SIZES_FILE, "not a JSON object; run with --write_sizes true")
+    sizes, why = _read_json(str(path))  # training's reader of the file
+    unreadable = path.exists() and sizes is None
+    problems = [Problem("sizes_unreadable", str(path), SIZES_FILE, f"{why}; run with --write_sizes true")
                 ] if unreadable and not write else []
+    # every shard's count at once: one read of sizes.json for the directory, not one per shard
+    recorded = {} if unreadable else shard_sizes([r.shard for r in reports], missing_ok=True)[0]
     for report in reports:
-        expected = None if unreadable else (shard_sizes([report.shard])[0] or {}).get(report.shard)
+        expected = recorded.get(report.shard)
         if expected is None and not write:
             problems.append(Problem("sizes_missing", str(path), Path(report.shard).name, "run with --write_sizes true"))
         elif expected is not None and expected != report.samples:

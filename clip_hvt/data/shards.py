@@ -246,9 +246,10 @@ def _stats_count(url: str) -> tuple[int | None, str]:
     return count, ""
 
 
-def shard_sizes(urls: Sequence[str]) -> tuple[dict[str, int] | None, str]:
+def shard_sizes(urls: Sequence[str], missing_ok: bool = False) -> tuple[dict[str, int] | None, str]:
     """Samples per shard from ``sizes.json`` or img2dataset stats files; (None, what was tried) if unknown.
-    A malformed file gives no count (named in the reason, or logged when stats files give the counts)."""
+    A malformed file gives no count (named in the reason, or logged when stats files give the counts).
+    ``missing_ok``: every shard is looked up and those without a count are left out (``clip_hvt.data.check``)."""
     sizes: dict[str, int] = {}
     unlisted: dict[str, str] = {}  # shard -> why sizes.json gives no count for it
     tables: dict[str, tuple[dict | None, str]] = {}  # one read of each directory's sizes.json, not one per shard
@@ -275,6 +276,10 @@ def shard_sizes(urls: Sequence[str]) -> tuple[dict[str, int] | None, str]:
                              else f"no count in {sizes_url} ('{name}' is {_shown(table[name])})")
     if not unlisted:
         return sizes, ""
+    if missing_ok:
+        with ThreadPoolExecutor(1 if is_local(next(iter(unlisted))) else 32) as pool:
+            counts = dict(zip(unlisted, pool.map(_stats_count, unlisted)))
+        return {**sizes, **{url: count for url, (count, _) in counts.items() if count is not None}}, ""
     first_url, first_why = next(iter(unlisted.items()))
     first, why = _stats_count(first_url)  # a missing count stops here, before fetching the rest
     if first is None:
