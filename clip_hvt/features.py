@@ -39,8 +39,14 @@ def trunk_of(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def _maps(trunk, images: torch.Tensor, indices: Optional[Sequence[int]]) -> list[torch.Tensor]:
-    indices = list(indices) if indices is not None else None
-    return trunk.forward_intermediates(images, indices=indices, intermediates_only=True)
+    """The maps of stages ``indices`` in the order asked (timm's ``forward_intermediates`` gives them in stage
+    order), all stages for None."""
+    if indices is None:
+        return trunk.forward_intermediates(images, indices=None, intermediates_only=True)
+    wanted = [i % len(trunk.feature_info) for i in indices]
+    taken = sorted(set(wanted))
+    maps = dict(zip(taken, trunk.forward_intermediates(images, indices=taken, intermediates_only=True)))
+    return [maps[i] for i in wanted]
 
 
 def stage_maps(model: torch.nn.Module, images: torch.Tensor,

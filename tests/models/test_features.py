@@ -79,3 +79,16 @@ def test_open_clips_own_vit_tower_is_refused_by_name():
                           text_cfg=dict(context_length=16, vocab_size=100, width=32, heads=2, layers=1)).eval()
     with pytest.raises(ValueError, match="the image tower is open_clip's own VisionTransformer, not a timm trunk"):
         features.stage_maps(clip, _images((32, 32)))
+
+
+def test_stage_maps_come_in_the_order_asked(models):
+    images = _images((64, 64))
+    with torch.no_grad():
+        every = features.stage_maps(models['pvt_v2_b0'], images)
+        asked = features.stage_maps(models['pvt_v2_b0'], images, stages=[-1, 0, 2])
+        tokens = features.multiscale_tokens(models['pvt_v2_b0'], images, grid=1, project=False, stages=[3, 1])
+    assert [m.shape[1] for m in asked] == [256, 32, 160]
+    for got, stage in zip(asked, (3, 0, 2)):
+        torch.testing.assert_close(got, every[stage])
+    for got, stage in zip(tokens, (3, 1)):
+        torch.testing.assert_close(got, every[stage].mean((2, 3))[:, None])
