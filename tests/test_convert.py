@@ -282,6 +282,7 @@ def test_coco_keeps_all_captions_in_file_order(tmp_path):
             if j < len(caps):
                 annotations.append({'id': len(annotations), 'image_id': image_id, 'caption': caps[j]})
     annotations.append({'id': 99, 'image_id': 404, 'caption': 'no such image'})
+    annotations += [{'id': 100, 'image_id': 12, 'caption': 7}, {'id': 101, 'image_id': 12, 'caption': ['a']}]
     ann_path = tmp_path / 'annotations' / 'captions.json'
     ann_path.parent.mkdir()
     ann_path.write_text(json.dumps({'images': images, 'annotations': annotations}))
@@ -299,7 +300,9 @@ def test_coco_keeps_all_captions_in_file_order(tmp_path):
     stats = json.loads((out / 'stats.json').read_text())
     no_caption = str(tmp_path / 'train2017' / f'{11:012d}.jpg')
     assert stats['skip_reasons'] == {'no_caption': {'count': 1, 'examples': [no_caption]}}
-    assert stats['source_problems'] == {'annotation for unknown image_id': {'count': 1, 'examples': ['404']}}
+    assert stats['source_problems'] == {  # counted, not written as "7" or "['a']"
+        'annotation for unknown image_id': {'count': 1, 'examples': ['404']},
+        'caption not a string': {'count': 2, 'examples': ['image_id 12: 7', 'image_id 12: ["a"]']}}
 
 
 def test_console_module_runs(tmp_path):

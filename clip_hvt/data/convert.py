@@ -208,15 +208,17 @@ def read_coco(annotations, image_root=None) -> tuple:
                          f'...], "annotations": [{{"image_id", "caption"}}, ...]}}')
     _require_keys(coco['images'], ('id', 'file_name'), f'{annotations}: images')
     _require_keys(coco['annotations'], ('image_id', 'caption'), f'{annotations}: annotations')
-    captions = defaultdict(list)
+    captions, problems = defaultdict(list), SkipCounter(log_first=None)
     for ann in coco['annotations']:
-        captions[ann['image_id']].append(_cell(ann.get('caption')))
+        if isinstance(ann['caption'], str):
+            captions[ann['image_id']].append(ann['caption'])
+        else:  # a number, list, null: not written as its str()
+            problems.add('caption not a string', f"image_id {ann['image_id']}: {json.dumps(ann['caption'])[:40]}")
     root = Path(annotations.parent if image_root is None else image_root)
     images = sorted(coco['images'], key=lambda im: im['id'])
     samples = [SourceSample(key=f'{i:09d}', image=str(root / im['file_name']), split_id=im['file_name'],
                             captions=tuple(captions.get(im['id'], ())), keep_all_captions=True,
                             meta={'image_id': im['id']}) for i, im in enumerate(images)]
-    problems = SkipCounter(log_first=None)
     for image_id in sorted(set(captions) - {im['id'] for im in images}, key=str):
         problems.add('annotation for unknown image_id', str(image_id), count=len(captions[image_id]))
     return samples, problems
