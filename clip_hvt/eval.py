@@ -31,6 +31,7 @@ from open_clip.zero_shot_classifier import build_zero_shot_classifier
 from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES, OPENAI_IMAGENET_TEMPLATES, SIMPLE_IMAGENET_TEMPLATES
 
 from . import factory
+from .atomic import atomic_write
 from .cli import UserError, run
 from .data.pipeline import eval_loader, normalize_uint8, split_normalize
 from .data.sample import IMAGE_KEYS, MAX_IMAGE_PIXELS, SKIP_REASONS, SkipSample, read_tar
@@ -447,9 +448,8 @@ def _labels(paths: Sequence[str]) -> list[str]:
 
 
 def write_json_atomic(path: Path, data: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=1))
-    os.replace(tmp, path)  # a reader sees the old file or the whole new one, never half
+    with atomic_write(path, "w") as f:  # a reader sees the old file or the whole new one, never half
+        json.dump(data, f, indent=1)
 
 
 def format_table(rows: list[dict]) -> str:

@@ -14,7 +14,8 @@ import pytest
 import torch
 
 from clip_hvt import train
-from clip_hvt.checkpoint import AtomicCheckpointIO, atomic_torch_save, partial_path
+from clip_hvt.atomic import partial_path
+from clip_hvt.checkpoint import AtomicCheckpointIO, atomic_torch_save
 from test_distributed import write_uneven_shards
 
 REPO = Path(__file__).resolve().parents[1]
@@ -22,6 +23,7 @@ REPO = Path(__file__).resolve().parents[1]
 # Saves a small checkpoint, then a large one through a file object that stalls half-way.
 KILLED_WRITER = r"""
 import os, sys, time, torch
+import clip_hvt.atomic as atomic
 import clip_hvt.checkpoint as ckpt
 path, marker = sys.argv[1], sys.argv[2]
 io = ckpt.AtomicCheckpointIO()
@@ -45,7 +47,7 @@ class StallingFile:
     def __exit__(self, *exc):
         self.f.close()
 
-ckpt.open = lambda p, mode: StallingFile(open(p, mode))
+atomic.open = lambda p, mode: StallingFile(open(p, mode))  # the file atomic_write opens
 io.save_checkpoint({"global_step": 2, "state_dict": {"w": torch.zeros(4_000_000)}}, path)
 """
 

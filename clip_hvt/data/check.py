@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from ..cli import UserError, run
 from .sample import MAX_IMAGE_PIXELS, WORKER_DIED, SkipSample, captions, decode_sample, label, read_tar
-from .shards import SIZES_FILE, _read_json, shard_sizes
+from .shards import SIZES_FILE, _read_json, shard_sizes, write_sizes
 
 FINDINGS = {
     "count_mismatch": "the shard holds another number of readable samples than sizes.json / _stats.json says",
@@ -130,7 +130,7 @@ def check_sizes(directory: Path, reports: Sequence, write: bool = False) -> list
     if write:
         sizes = {k: v for k, v in (sizes if isinstance(sizes, dict) else {}).items() if (directory / k).exists()}
         sizes.update({Path(r.shard).name: r.samples for r in reports})
-        path.write_text(json.dumps(dict(sorted(sizes.items())), indent=1))
+        write_sizes(path, sizes)
         print(f"wrote {path}")
     return problems
 

@@ -36,7 +36,7 @@ from tqdm import tqdm
 
 from ..cli import UserError, run
 from .sample import MAX_IMAGE_PIXELS, TAR_MTIME, WORKER_DIED, SkipCounter, SkipSample, nonempty, open_image
-from .shards import SIZES_FILE
+from .shards import SIZES_FILE, write_sizes
 
 __all__ = [
     'SourceSample', 'WriteOptions', 'TableSamples', 'read_table', 'read_folder', 'read_coco',
@@ -443,7 +443,7 @@ def write_shards(samples: Iterable, output, opts: WriteOptions = WriteOptions(),
             sizes[final] = count
             written.add(directory / final)
         tmpdirs[name].rmdir()
-        (directory / SIZES_FILE).write_text(json.dumps(sizes, indent=1))
+        write_sizes(directory / SIZES_FILE, sizes)
         splits[name] = {'directory': str(directory), 'samples': sum(sizes.values()), 'shards': len(sizes)}
         log.merge(logs[name].to_dict())
     for p in old:

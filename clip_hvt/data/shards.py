@@ -24,6 +24,7 @@ import torch.utils.data
 import webdataset as wds
 from webdataset.gopen import Pipe, gopen_schemes, set_options
 
+from ..atomic import atomic_write
 from ..cli import UserError
 
 log = logging.getLogger(__name__)
@@ -182,6 +183,12 @@ def beside(url: str, name: str) -> str | None:
     """The URL of file ``name`` in the shard's directory (same scheme or command); None if unknown."""
     shard = _shard_name(url)
     return url[:shard.start()] + name + url[shard.end():] if shard else None
+
+
+def write_sizes(path: str | os.PathLike, sizes: dict[str, int]) -> None:
+    """``sizes.json`` (shard file name -> samples, open_clip's format), sorted by name, replaced whole."""
+    with atomic_write(path, "w") as f:
+        json.dump(dict(sorted(sizes.items())), f, indent=1)
 
 
 def _json_object(data: bytes) -> tuple[dict | None, str]:

@@ -27,7 +27,7 @@ from PIL import Image, ImageDraw
 
 from ..cli import UserError, run
 from .sample import TAR_MTIME
-from .shards import SIZES_FILE
+from .shards import SIZES_FILE, write_sizes
 
 log = logging.getLogger(__name__)
 
@@ -143,7 +143,7 @@ def _write_split(out: Path, split: str, samples, per_shard: int) -> None:
         for i, sample in enumerate(samples):
             sink.write({"__key__": f"{split}{i:08d}", **sample})
             sizes[os.path.basename(sink.fname)] += 1
-    (out / SIZES_FILE).write_text(json.dumps(sizes, indent=1))
+    write_sizes(out / SIZES_FILE, sizes)
 
 
 def _pairs(rng: random.Random, n: int, image_size: int):

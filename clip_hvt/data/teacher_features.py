@@ -10,24 +10,21 @@ that stops (Ctrl-C, CUDA out of memory) leaves complete, listed shards only.
 """
 from __future__ import annotations
 
-import contextlib
 import io
-import json
-import os
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import open_clip
 import torch
 import webdataset as wds
 
+from ..atomic import atomic_write
 from ..cli import UserError, run
 from ..distill import Distill, Teacher
 from ..malloc import keep_freed_memory
 from .pipeline import decode, read_shards
 from .sample import TAR_MTIME, TARGET_MEMBERS, SkipCounter, captions
-from .shards import SIZES_FILE, _json_object, _shard_name, expand_sources
+from .shards import SIZES_FILE, _json_object, _shard_name, expand_sources, write_sizes
 
 
 def npy_bytes(array: np.ndarray) -> bytes:
@@ -49,23 +46,6 @@ def _output_names(urls: list[str], out: str) -> dict[str, str]:
             raise UserError(f"shards '{other}' and '{url}' would both be written as {Path(out) / shard[0]}: "
                             "run once per source, each into its own --out directory")
     return {url: name for name, url in firsts.items()}
-
-
-@contextlib.contextmanager
-def _written_as(path: Path) -> Iterator[Path]:
-    """A hidden file beside ``path`` to write, renamed to ``path`` when the block completes and removed if it
-    fails: a stopped run never leaves a partial file under the final name."""
-    partial = path.with_name(f".{path.name}.partial")
-    try:
-        yield partial
-        os.replace(partial, path)
-    finally:
-        partial.unlink(missing_ok=True)
-
-
-def _write_sizes(path: Path, sizes: dict) -> None:
-    with _written_as(path) as partial:
-        partial.write_text(json.dumps(dict(sorted(sizes.items())), indent=1))
 
 
 @torch.no_grad()
@@ -117,9 +97,9 @@ def add_teacher_features(shards: str, out: str, teacher: str, weights: str | Non
     # the training reader's stages: the samples it would use, skips counted and logged under its reasons
     counter, written = SkipCounter(), {}
     for url, name in names.items():
-        compress = wds.TarWriter.tarmode(name)[2:] or False  # by the final name: the hidden one ends in .partial
-        with _written_as(out_dir / name) as partial:
-            with wds.TarWriter(str(partial), mtime=TAR_MTIME, compress=compress) as sink:
+        compress = wds.TarWriter.tarmode(name)[2:] or False  # by the final name (.tar.gz: gzipped)
+        with atomic_write(out_dir / name) as f:
+            with wds.TarWriter(f, mtime=TAR_MTIME, compress=compress) as sink:
                 written[name] = 0
                 items = decode(read_shards([{"url": url}], counter), preprocess,
                                lambda sample, rng: (sample, captions(sample, caption_key)), counter)
@@ -129,9 +109,9 @@ def add_teacher_features(shards: str, out: str, teacher: str, weights: str | Non
                     written[name] += len(batch)
             if name in listed:  # a shard written before is replaced: its count goes first
                 del listed[name]
-                _write_sizes(sizes_path, listed)
+                write_sizes(sizes_path, listed)
         listed[name] = written[name]
-        _write_sizes(sizes_path, listed)
+        write_sizes(sizes_path, listed)
     total = sum(written.values())
     print(f"wrote {total} samples with teacher targets to {out_dir} ({len(written)} shards); skipped "
           + (", ".join(f"{k}={n}" for k, n in sorted(counter.total.items())) or "none"))
