@@ -11,6 +11,7 @@ from PIL import Image
 
 from clip_hvt import flops, report, train
 from clip_hvt.report import main as report_main, pareto_front
+from conftest import TINY_MODEL_CFG
 
 MONITOR = {"class_path": "clip_hvt.flops.ThroughputMonitor",
            "init_args": {"batch_size_fn": "clip_hvt.callbacks.batch_size", "window_size": 2}}
@@ -140,8 +141,6 @@ def test_a_requeued_runs_attempts_merge_into_one_history_and_their_throughput_ad
 
 
 # ---- world size, global batch and samples seen from the saved config --------------------------------------------
-
-from conftest import TINY_MODEL_CFG  # noqa: E402
 
 
 def _fake_run(path: Path, trainer: dict, rows: list[dict], batch_size: int = 4) -> Path:
